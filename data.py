@@ -1,0 +1,958 @@
+"""The shared data layer of rearec.py and stream_rec.py: datasets, splits, batches, evaluation.
+
+Both methods are compared under ONE protocol, so everything that decides a number lives here:
+which interactions are kept, how each user's sequence is ordered and split, how sequences are
+padded, and how a ranking is turned into Recall / NDCG / MRR. No model code, no losses.
+
+Run
+    python data.py --stats                               # the built-in synthetic dataset (offline)
+    python data.py --dataset ml-1m --data-dir data --stats   # downloads ml-1m.zip once, then cached
+    python data.py --dataset path/to/ml-1m.txt --stats   # any local file, layout auto-detected
+
+Sequence layout (one worked example; PAD = 0, item ids are 1..N)
+    A user's chronological items:          [7, 3, 9, 4, 2]
+    leave-one-out:  train = [7, 3, 9]      valid = history [7, 3, 9]    -> target 4
+                                           test  = history [7, 3, 9, 4] -> target 2
+    Training rows, maxlen L = 4 (left-padded, newest item in the last column):
+        inputs  = [0, 0, 7, 3]             the model reads these ...
+        targets = [0, 0, 3, 9]             ... and predicts these, at EVERY position (0 = no loss)
+    Evaluation rows: history [7, 3, 9, 4] -> [7, 3, 9, 4]; the score of the last column ranks items.
+    Left padding keeps "the newest item" at a fixed column (-1), which is what a causal encoder and
+    ReaRec's reasoning steps read; right padding would move it per user.
+
+Datasets (name -> what is downloaded; defaults of the preprocessing in DEFAULTS below)
+    synthetic              built in: 2,000 users, 400 items, topic chains + user-specific strides
+    ml-100k, ml-1m, ml-20m GroupLens zips (https://files.grouplens.org/datasets/movielens/)
+    amazon2014-<Cat>       McAuley 2014 5-core reviews, e.g. amazon2014-Beauty
+    amazon2018-<Cat>       Ni et al. 2018 5-core reviews, e.g. amazon2018-All_Beauty
+    amazon2023-<Cat>       Amazon Reviews 2023 benchmark 5-core rating_only CSV (leave-one-out)
+    amazon2023-<Cat>-time  the same data as the benchmark's timestamp_w_his train/valid/test files,
+                           split at the official absolute times (ReaRec's protocol)
+    PATH                   a local file (.gz ok): SASRec `user item` lines, S3-Rec `user i1 i2 ..`
+                           lines, CSV/TSV with a header, MovieLens `::` files, Amazon JSON lines
+"""
+import argparse
+import ast
+import csv
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+PAD = 0  # item id 0 is padding everywhere; real items are 1..n_items
+KS = (5, 10, 20)  # cut-offs of every reported metric
+
+
+class DataError(Exception):
+    """A problem with the data or the user's request; main() prints it as one line."""
+
+
+# -----------------------------------------------------------------------------
+# Named datasets: where they come from and their documented preprocessing defaults
+# -----------------------------------------------------------------------------
+GROUPLENS = "https://files.grouplens.org/datasets/movielens/"
+AMZ2014 = "http://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
+AMZ2018 = ["https://mcauleylab.ucsd.edu/public_datasets/data/amazon_v2/",
+           "https://jmcauley.ucsd.edu/data/amazon_v2/"]  # the host has moved over the years
+AMZ2023 = "https://mcauleylab.ucsd.edu/public_datasets/data/amazon_2023/"
+AMZ2023_CUTS = (1628643414042, 1658002729837)  # official absolute split (ms): 2021-08-11, 2022-07-16
+
+# MovieLens zips: (inner folder, md5 published by GroupLens next to each zip)
+MOVIELENS = {"ml-100k": "0e33842e24a9c977be4e0107933c0723",
+             "ml-1m": "c4d9eecfca2ab87c1945afe126590906",
+             "ml-20m": "cd245b17a1ae2cc31bb14903e1204af3"}
+
+# Preprocessing defaults by kind of source. None = step off.
+#   min_rating: keep interactions with rating >= this (implicit feedback threshold)
+#   dedup:      keep only the earliest (user, item) interaction
+#   kcore:      drop users and items with fewer than k interactions ...
+#   kcore_mode: ... in one pass on the unfiltered counts (SASRec) or repeated until stable
+#   split:      "loo" leave-one-out, or "time" (global cut times; see time_split below)
+#   min_history: time split only: evaluation cases need this many history items (ReaRec: 5)
+DEFAULTS = {
+    # SASRec's ML-1M / Amazon processing: all ratings kept, counts < 5 removed in ONE pass.
+    # With these, raw ML-1M gives SASRec's ml-1m.txt exactly (6,040 u, 3,416 i, 999,611 rows).
+    "raw": dict(min_rating=None, dedup=True, kcore=5, kcore_mode="once", split="loo", min_history=1),
+    # Already processed files (SASRec pairs, S3-Rec lists, synthetic) are taken as they are.
+    "processed": dict(min_rating=None, dedup=False, kcore=None, kcore_mode="once", split="loo",
+                      min_history=1),
+    # ReaRec on Amazon 2023 (paper §4.1, official notebooks): rating > 3, absolute-time split,
+    # valid/test rows need >= 5 history items, all of them (and the target) seen in training.
+    "rearec-time": dict(min_rating=4.0, dedup=True, kcore=None, kcore_mode="once", split="time",
+                        min_history=5),
+}
+
+
+def _sources(name):
+    """Name -> (files to fetch as [(filename, [urls], md5)], file to parse, meta file, defaults)."""
+    if name in MOVIELENS:
+        zname = name + ".zip"
+        return [(zname, [GROUPLENS + zname], MOVIELENS[name])], zname, None, "raw"
+    m = re.fullmatch(r"amazon(2014|2018|2023)-(\w+?)(-time)?", name)
+    if not m or (m.group(3) and m.group(1) != "2023"):
+        raise DataError(f"unknown dataset '{name}': it is not a file and not one of synthetic, "
+                        f"{', '.join(MOVIELENS)}, amazon2014-<Category>, amazon2018-<Category>, "
+                        f"amazon2023-<Category>[-time]")
+    year, cat, timed = m.groups()
+    if year == "2014":
+        f, meta = f"reviews_{cat}_5.json.gz", f"meta_{cat}.json.gz"
+        return [(f, [AMZ2014 + f], None)], f, (meta, [AMZ2014 + meta]), "raw"
+    if year == "2018":
+        f, meta = f"{cat}_5.json.gz", f"meta_{cat}.json.gz"
+        return ([(f, [u + "categoryFilesSmall/" + f for u in AMZ2018], None)], f,
+                (meta, [u + "metaFiles2/" + meta for u in AMZ2018]), "raw")
+    meta = f"meta_{cat}.jsonl.gz"
+    meta = (meta, [AMZ2023 + "raw/meta_categories/" + meta])
+    if timed:  # three files; the history column is rebuilt from the interactions themselves
+        files = [(f"{cat}.{s}.csv.gz", [f"{AMZ2023}benchmark/5core/timestamp_w_his/{cat}.{s}.csv.gz"],
+                  None) for s in ("train", "valid", "test")]
+        return files, files[0][0], meta, "rearec-time"
+    f = f"{cat}.csv.gz"
+    return [(f, [AMZ2023 + "benchmark/5core/rating_only/" + f], None)], f, meta, "raw"
+
+
+# -----------------------------------------------------------------------------
+# Download: progress, cache, atomic write, integrity check (BOILERPLATE)
+# -----------------------------------------------------------------------------
+def _check_file(path, md5=None, name=None):
+    """Return None if `path` is a complete, valid file, else a short reason. The format check
+    (zip CRC, gzip stream) follows the extension of `name` (default: `path`)."""
+    name = name or path
+    try:
+        if md5 is not None:
+            h = hashlib.md5()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            if h.hexdigest() != md5:
+                return f"md5 {h.hexdigest()} != expected {md5}"
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()  # reads every member and checks its CRC
+                if bad:
+                    return f"bad CRC in member {bad}"
+        elif name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:  # the whole stream must decompress to its end
+                while f.read(1 << 22):
+                    pass
+        elif os.path.getsize(path) == 0:
+            return "empty file"
+    except (OSError, EOFError, zipfile.BadZipFile, gzip.BadGzipFile, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def download(urls, dest, md5=None, quiet=False):
+    """Fetch the first reachable URL of `urls` to `dest`, unless a valid copy is already there.
+
+    The bytes go to `dest + '.part'` and are renamed only after the size (Content-Length) and the
+    content (md5 / zip CRC / gzip stream) check out, so `dest` is never half-written. A corrupt
+    cached copy is fetched again. Offline, the error says where to put the file by hand.
+    """
+    urls = [urls] if isinstance(urls, str) else list(urls)
+    if os.path.exists(dest):
+        why = _check_file(dest, md5)
+        if why is None:
+            return dest
+        print(f"cached {dest} is corrupt ({why}); downloading it again", file=sys.stderr)
+        os.remove(dest)
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    tmp, errors = dest + ".part", []
+    for url in urls:
+        try:
+            _fetch(url, tmp, quiet)
+            why = _check_file(tmp, md5, name=dest)
+            if why is not None:
+                raise DataError(f"downloaded file from {url} is corrupt ({why})")
+            os.replace(tmp, dest)  # atomic on POSIX and Windows
+            return dest
+        except urllib.error.HTTPError as e:  # the server answered: wrong name, moved file, ...
+            errors.append(f"{url}: HTTP {e.code} {e.reason}")
+        except (OSError, DataError, http.client.HTTPException) as e:  # offline, refused, timeout, cut
+            errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    raise DataError(f"could not download {os.path.basename(dest)} ({'; '.join(errors)}). If this "
+                    f"machine is offline, fetch {urls[0]} elsewhere and place it at {dest}")
+
+
+def _fetch(url, tmp, quiet):
+    with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+        total = int(r.headers.get("Content-Length") or 0)
+        done, last = 0, 0.0
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+            done += len(chunk)
+            if not quiet and (time.time() - last > 0.5 or done == total):
+                last = time.time()
+                pct = f" ({100 * done / total:.0f}%)" if total else ""
+                print(f"downloading {url}: {done / 1e6:.1f}"
+                      f"{f'/{total / 1e6:.1f}' if total else ''} MB{pct}", file=sys.stderr)
+    if total and done != total:
+        raise DataError(f"truncated download: got {done} of {total} bytes")
+
+
+# -----------------------------------------------------------------------------
+# Parsing: every layout becomes the same four columns
+# -----------------------------------------------------------------------------
+# A parsed file is a dict of equal-length numpy columns: user, item (raw ids, int or str),
+# rating (float or None if the layout has none), time (int; the line number if it has none).
+USER_COLS = ("user_id", "userid", "user", "reviewerid", "uid")
+ITEM_COLS = ("item_id", "itemid", "item", "movieid", "parent_asin", "asin", "business_id", "iid")
+RATING_COLS = ("rating", "overall", "stars", "score")
+TIME_COLS = ("timestamp", "time", "unixreviewtime", "date")
+
+
+def _read_text(path, inner=None):
+    """The decoded text of a file, a .gz file, or member `inner` of a .zip (utf-8, else latin-1)."""
+    try:
+        if inner is not None:
+            with zipfile.ZipFile(path) as z:
+                raw = z.read(inner)
+        else:
+            with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+                raw = f.read()
+    except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"cannot read {path}{'/' + inner if inner else ''}: {e}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")  # MovieLens .dat files are latin-1
+
+
+def _as_ids(values):
+    """Ids as int64 when every one is an integer (so 2 sorts before 10), else as str."""
+    arr = np.asarray(values)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64)
+    arr = arr.astype(str)
+    if arr.size and all(s.isdigit() for s in arr[: min(1000, arr.size)]):
+        try:
+            return arr.astype(np.int64)
+        except ValueError:
+            pass
+    return arr
+
+
+def _columns(user, item, rating=None, t=None):
+    n = len(user)
+    return dict(user=_as_ids(user), item=_as_ids(item),
+                rating=None if rating is None else np.asarray(rating, dtype=np.float64),
+                time=np.arange(n, dtype=np.int64) if t is None else np.asarray(t, dtype=np.int64),
+                has_time=t is not None)
+
+
+def _numeric_table(text, sep, ncols, path):
+    """Fast path for all-numeric files with `ncols` fields per line; slow path names the bad line."""
+    lines = text.count("\n") + (0 if text.endswith("\n") else 1)
+    body = text.replace(sep, " ") if sep != " " else text
+    for dtype in (np.int64, np.float64):  # integer parsing is ~7x faster; ML-20m has half stars
+        with warnings.catch_warnings():  # numpy warns when it stops early; we check the count
+            warnings.simplefilter("ignore")
+            try:
+                flat = np.fromstring(body, sep=" ", dtype=dtype)
+            except ValueError:  # numpy >= 2.3 raises where older versions warned
+                continue
+        if flat.size == ncols * lines:
+            return flat.reshape(lines, ncols)
+    rows = []  # something is off: find the first malformed line and name it
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(sep) if sep != " " else line.split()
+        try:
+            if len(parts) != ncols:
+                raise ValueError(f"expected {ncols} fields, got {len(parts)}")
+            rows.append([float(p) for p in parts])
+        except ValueError as e:
+            raise DataError(f"{path}, line {n}: malformed line {line[:80]!r} ({e})") from None
+    return np.array(rows, dtype=np.float64).reshape(-1, ncols)
+
+
+def _parse_sasrec(text, path):
+    """SASRec / BERT4Rec `user item` per line, already in chronological order."""
+    t = _numeric_table(text, " ", 2, path).astype(np.int64)
+    return _columns(t[:, 0], t[:, 1])
+
+
+def _parse_user_lists(text, path):
+    """S3-Rec layout: `user i1 i2 i3 ...` per line, chronological."""
+    users, items = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2:
+            raise DataError(f"{path}, line {n}: a user line needs a user id and at least one item")
+        users += [parts[0]] * (len(parts) - 1)
+        items += parts[1:]
+    return _columns(users, items)
+
+
+def _parse_movielens(text, path, sep):
+    """user<sep>item<sep>rating<sep>timestamp (ML-1M `::`, ML-100k u.data tabs, headerless CSV)."""
+    t = _numeric_table(text, sep, 4, path)
+    return _columns(t[:, 0].astype(np.int64), t[:, 1].astype(np.int64), t[:, 2], t[:, 3])
+
+
+def _find_col(header, names, path, what, required=True):
+    for name in names:
+        if name in header:
+            return header.index(name)
+    if required:
+        raise DataError(f"{path}: no {what} column in the header {header}; "
+                        f"name it one of {', '.join(names)}")
+    return None
+
+
+def _parse_table(text, path, delim):
+    """CSV/TSV with a header naming user and item [rating] [timestamp] columns (RecBole's
+    `user_id:token` typed headers are fine)."""
+    rows = csv.reader(io.StringIO(text), delimiter=delim)
+    header = [h.split(":")[0].strip().lower() for h in next(rows)]
+    cu, ci = _find_col(header, USER_COLS, path, "user"), _find_col(header, ITEM_COLS, path, "item")
+    cr = _find_col(header, RATING_COLS, path, "rating", required=False)
+    ct = _find_col(header, TIME_COLS, path, "timestamp", required=False)
+    user, item, rating, stamp = [], [], [], []
+    for n, row in enumerate(rows, 2):
+        if not row:
+            continue
+        try:
+            user.append(row[cu])
+            item.append(row[ci])
+            if cr is not None:
+                rating.append(float(row[cr]))
+            if ct is not None:
+                stamp.append(int(float(row[ct])))
+        except (IndexError, ValueError) as e:
+            raise DataError(f"{path}, line {n}: malformed row {delim.join(row)[:80]!r} ({e})") from None
+    return _columns(user, item, rating if cr is not None else None, stamp if ct is not None else None)
+
+
+def _parse_json_lines(text, path):
+    """Amazon reviews, one object per line: 2014/2018 `reviewerID, asin, overall, unixReviewTime`,
+    2023 `user_id, parent_asin, rating, timestamp` (ms). Old dumps are Python literals, not JSON."""
+    user, item, rating, stamp = [], [], [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                d = ast.literal_eval(line)  # 2014 "loose JSON"
+            if "parent_asin" in d or "user_id" in d:  # Amazon 2023
+                user.append(d["user_id"]), item.append(d["parent_asin"])
+                rating.append(float(d["rating"])), stamp.append(int(d["timestamp"]))
+            else:
+                user.append(d["reviewerID"]), item.append(d["asin"])
+                rating.append(float(d["overall"])), stamp.append(int(d["unixReviewTime"]))
+        except (ValueError, SyntaxError, KeyError, TypeError) as e:
+            raise DataError(f"{path}, line {n}: not a review record ({type(e).__name__}: {e}); "
+                            f"expected reviewerID/asin/overall/unixReviewTime or "
+                            f"user_id/parent_asin/rating/timestamp") from None
+    return _columns(user, item, rating, stamp)
+
+
+def parse_file(path, inner=None):
+    """Auto-detect the layout of an interaction file and parse it into columns."""
+    text = _read_text(path, inner)
+    name = inner or path
+    lines = [ln for ln in text[:200_000].splitlines()[:1000] if ln.strip()]
+    if not lines:
+        raise DataError(f"{name} is empty")
+    first = lines[0].strip()
+    if first.startswith("{"):
+        return _parse_json_lines(text, name)
+    if "::" in first:
+        return _parse_movielens(text, name, "::")
+    for delim in ("\t", ","):
+        if delim in first:
+            fields = first.split(delim)
+            if all(re.fullmatch(r"-?[\d.eE+-]+", f.strip()) for f in fields):
+                if len(fields) == 4:  # headerless user,item,rating,timestamp (e.g. u.data)
+                    return _parse_movielens(text, name, delim)
+                raise DataError(f"{name}: a headerless {len(fields)}-column table; add a header "
+                                f"naming the user and item columns")
+            return _parse_table(text, name, delim)
+    counts = {len(ln.split()) for ln in lines}
+    if counts == {2}:
+        return _parse_sasrec(text, name)
+    if max(counts) > 2:
+        return _parse_user_lists(text, name)
+    raise DataError(f"{name}: cannot recognise the layout of line 1 {first[:80]!r}; supported: "
+                    f"'user item' lines, 'user i1 i2 ..' lines, CSV/TSV with a header, "
+                    f"MovieLens '::' files, Amazon JSON lines")
+
+
+def _concat(parts):
+    if len(parts) == 1:
+        return parts[0]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in ("user", "item", "time")}
+    out["user"], out["item"] = _as_ids(out["user"]), _as_ids(out["item"])
+    out["rating"] = None if any(p["rating"] is None for p in parts) else \
+        np.concatenate([p["rating"] for p in parts])
+    out["has_time"] = all(p["has_time"] for p in parts)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Item metadata (titles, genres, categories): used by STREAM-Rec's text features
+# -----------------------------------------------------------------------------
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+                 "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+                 "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+
+
+def parse_meta(path, inner=None):
+    """Raw item id -> one text line "title | genres or categories" (MovieLens or Amazon meta)."""
+    text, out = _read_text(path, inner), {}
+    base = os.path.basename(inner or path)
+    if base == "movies.dat":  # ML-1M: id::title::Genre|Genre
+        for line in text.splitlines():
+            p = line.split("::")
+            if len(p) == 3:
+                out[p[0]] = f"{p[1]} | {p[2].replace('|', ' ')}"
+    elif base == "u.item":  # ML-100k: id|title|date|video date|url|19 genre flags
+        for line in text.splitlines():
+            p = line.split("|")
+            if len(p) >= 24:
+                out[p[0]] = f"{p[1]} | " + " ".join(g for g, f in zip(ML100K_GENRES, p[5:24]) if f == "1")
+    elif base == "movies.csv":  # ML-20m: movieId,title,genres
+        for row in list(csv.reader(io.StringIO(text)))[1:]:
+            if len(row) == 3:
+                out[row[0]] = f"{row[1]} | {row[2].replace('|', ' ')}"
+    else:  # Amazon meta, one object per line (2014 is Python-literal "loose JSON")
+        for line in text.splitlines():
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                try:
+                    d = ast.literal_eval(line)
+                except (ValueError, SyntaxError):
+                    continue
+            key = d.get("parent_asin") or d.get("asin")
+            cats = d.get("categories") or d.get("category") or []
+            flat = [c for c in cats if isinstance(c, str)] + \
+                [c for sub in cats if isinstance(sub, list) for c in sub]
+            if key:
+                out[key] = f"{d.get('title') or ''} | {' '.join(dict.fromkeys(flat))}".strip()
+    return out
+
+
+def _sibling_meta(path):
+    """The metadata file that usually sits next to an interaction file, if it is there."""
+    folder, base = os.path.split(path)
+    names = {"u.data": ["u.item"], "ratings.csv": ["movies.csv"]}.get(base)
+    if base.endswith(".dat"):  # MovieLens ratings.dat (or a part of it) -> movies.dat
+        names = ["movies.dat"]
+    if names is None:
+        stem = re.sub(r"(\.(train|valid|test))?\.(json|jsonl|csv)(\.gz)?$", "", base)
+        stem = re.sub(r"^reviews_|_5$", "", stem)
+        names = [f"meta_{stem}.{e}" for e in ("json.gz", "jsonl.gz", "json", "jsonl")]
+    for n in names:
+        if os.path.exists(os.path.join(folder, n)):
+            return os.path.join(folder, n)
+    return None
+
+
+# -----------------------------------------------------------------------------
+# The built-in synthetic dataset (offline default of both scripts)
+# -----------------------------------------------------------------------------
+TOPICS = ["jazz", "noir", "opera", "comet", "desert", "harbor", "glacier", "circus", "orchard",
+          "castle", "jungle", "reactor", "canyon", "lagoon", "citadel", "meadow"]
+ADJECTIVES = ["red", "quiet", "bold", "lost", "golden", "secret", "wild", "broken", "silver",
+              "hidden", "little", "final", "iron", "pale", "swift", "electric", "velvet",
+              "frozen", "crimson", "hollow", "lucky", "ancient", "bright", "lonely", "brave"]
+
+
+def make_synthetic(n_users=2000, n_topics=16, items_per_topic=25, min_len=10, max_len=40,
+                   noise=0.2, seed=0):
+    """Sequences with structure a sequence model can learn and a popularity model cannot.
+
+    Items live in topics (item = topic * items_per_topic + j). Topics follow one fixed cycle
+    (topic -> chain[topic]), and inside the next topic the user moves from index j to
+    j + stride (mod items_per_topic), where stride in {1, 2, 3} is a hidden per-user trait.
+    So the next item depends on the last item (which topic comes next) AND on the step between
+    the last two items (which index): a first-order Markov model gets the topic right but must
+    spread its guess over three strides, a model of the whole sequence can infer the stride.
+    With probability `noise` the next item is instead drawn from a skewed popularity law.
+    Item "titles" name the topic ("golden jazz 7"), so text features recover the topics.
+    Returns (columns dict, {raw item id: title}). Deterministic in `seed`; ~10 ms.
+    """
+    rng = np.random.default_rng(seed)
+    T, M = n_topics, items_per_topic
+    order = rng.permutation(T)  # one cycle through all topics: order[0] -> order[1] -> ...
+    chain = np.empty(T, dtype=np.int64)
+    chain[order] = np.roll(order, -1)
+    stride = rng.integers(1, 4, size=n_users)  # hidden per-user trait
+    lengths = rng.integers(min_len, max_len + 1, size=n_users)
+    popularity = 1.0 / np.arange(1, T * M + 1) ** 0.8  # Zipf-like law over a shuffled item order
+    popularity = popularity[rng.permutation(T * M)] / popularity.sum()
+    topic, j = rng.integers(0, T, size=n_users), rng.integers(0, M, size=n_users)
+    seqs = np.zeros((n_users, max_len), dtype=np.int64)
+    for t in range(max_len):  # vectorised over users; one loop step per position
+        if t > 0:
+            topic, j = chain[topic], (j + stride) % M
+            jump = rng.random(n_users) < noise
+            pick = rng.choice(T * M, size=n_users, p=popularity)
+            topic, j = np.where(jump, pick // M, topic), np.where(jump, pick % M, j)
+        seqs[:, t] = topic * M + j + 1  # raw item ids 1..T*M
+    mask = np.arange(max_len)[None, :] < lengths[:, None]
+    users = np.repeat(np.arange(1, n_users + 1), lengths)
+    days = np.arange(max_len)[None, :] * 86400 + rng.integers(0, 10**8, size=(n_users, 1))
+    cols = _columns(users, seqs[mask], None, days[mask])
+    titles = {i + 1: f"{ADJECTIVES[(i * 7 + i // M) % len(ADJECTIVES)]} {TOPICS[i // M % len(TOPICS)]} {i % M}"
+              for i in range(T * M)}
+    return cols, titles
+
+
+# -----------------------------------------------------------------------------
+# Preprocessing and splits (one place; each step a documented option)
+# -----------------------------------------------------------------------------
+@dataclass
+class Seqs:
+    """Ragged item sequences in CSR form: row r is items[starts[r]:ends[r]], oldest first.
+
+    Training data has one row per user. An evaluation split has one row per test case: the row
+    is the case's history and `targets[r]` the item to predict after it.
+    """
+    items: np.ndarray  # (total,) item ids 1..N, users back to back
+    starts: np.ndarray  # (R,)
+    ends: np.ndarray  # (R,)
+    users: np.ndarray  # (R,) user index of each row
+    targets: np.ndarray | None = None  # (R,) evaluation splits only
+
+    def __len__(self):
+        return len(self.starts)
+
+    def __getitem__(self, r):
+        return self.items[self.starts[r]:self.ends[r]]
+
+    def lengths(self):
+        return self.ends - self.starts
+
+
+@dataclass
+class Dataset:
+    name: str
+    n_items: int  # item ids are 1..n_items; PAD = 0
+    train: Seqs  # one row per user
+    valid: Seqs
+    test: Seqs
+    item_text: list | None  # item id -> "title | genres" (index 0 = PAD = ""), None without metadata
+    item_ids: np.ndarray  # item id -> raw id in the source file (index 0 unused)
+    user_ids: np.ndarray  # user index -> raw id
+    stats: dict
+
+
+def _preprocess(cols, opts, name):
+    """Threshold, stable sort, de-duplicate, k-core. Returns (user code, item code, time) arrays,
+    grouped by user and chronological inside each user, plus the sorted raw id tables."""
+    u, i, t, r = cols["user"], cols["item"], cols["time"], cols["rating"]
+    if opts["min_rating"] is not None:  # implicit feedback: a rating >= threshold is a positive
+        if r is None:
+            raise DataError(f"{name} has no ratings, so a rating threshold cannot be applied; "
+                            f"drop --min-rating")
+        keep = r >= opts["min_rating"]
+        u, i, t = u[keep], i[keep], t[keep]
+    user_ids, uc = np.unique(u, return_inverse=True)  # sorted raw ids -> codes 0..
+    item_ids, ic = np.unique(i, return_inverse=True)
+    # Stable chronological sort inside each user: ties keep FILE order (ML-1M has many same-second
+    # ties; an unstable sort reorders them and even changes which items become test targets).
+    order = np.argsort(t, kind="stable")
+    order = order[np.argsort(uc[order], kind="stable")]
+    uc, ic, t = uc[order], ic[order], t[order]
+    if opts["dedup"]:  # keep the earliest interaction of each (user, item) pair
+        _, first = np.unique(uc * len(item_ids) + ic, return_index=True)
+        first.sort()
+        uc, ic, t = uc[first], ic[first], t[first]
+    k = opts["kcore"] or 0
+    while k > 0:  # "once": SASRec's single pass on the unfiltered counts; "iterative": to a fixed point
+        keep = (np.bincount(uc)[uc] >= k) & (np.bincount(ic)[ic] >= k)
+        uc, ic, t = uc[keep], ic[keep], t[keep]
+        if opts["kcore_mode"] == "once" or keep.all():
+            break
+    if len(uc) == 0:
+        raise DataError(f"no interactions left in {name} after preprocessing "
+                        f"(min_rating={opts['min_rating']}, kcore={opts['kcore']}); "
+                        f"lower --kcore or --min-rating")
+    return uc, ic, t, user_ids, item_ids
+
+
+def _leave_one_out(uc, ic):
+    """Last item = test target, second-to-last = valid target, the rest = train (SASRec).
+    Users with fewer than 3 items are training-only. Returns row boundaries in the flat arrays."""
+    starts = np.flatnonzero(np.r_[True, uc[1:] != uc[:-1]])  # (U,) first position of each user
+    ends = np.r_[starts[1:], len(uc)]
+    users = uc[starts]
+    has_eval = ends - starts >= 3
+    train_end = np.where(has_eval, ends - 2, ends)
+    s, e, us = starts[has_eval], ends[has_eval], users[has_eval]
+    return (starts, train_end, users), (s, e - 2, us, e - 2), (s, e - 1, us, e - 1)
+
+
+def _time_split(uc, ic, t, cuts, min_history):
+    """Global time split: train < t1 <= valid < t2 <= test (ReaRec §4.1; Amazon 2023 benchmark).
+
+    Every valid/test interaction is its own case, with ALL earlier items of the user as history
+    (valid-period items included for test cases). As in ReaRec's notebooks, a case is kept only
+    if its target and every history item occur in training, and its history is long enough.
+    """
+    period = np.searchsorted(np.asarray(cuts), t, side="right")  # 0 train, 1 valid, 2 test
+    starts = np.flatnonzero(np.r_[True, uc[1:] != uc[:-1]])
+    ends = np.r_[starts[1:], len(uc)]
+    user_start = np.repeat(starts, ends - starts)  # (n,) start of each position's user
+    in_train = np.zeros(ic.max() + 1, dtype=bool)
+    in_train[ic[period == 0]] = True
+    unseen = np.cumsum(~in_train[ic]) - ~in_train[ic]  # unseen items strictly before each position
+    unseen_in_history = unseen - unseen[user_start]
+    pos = np.arange(len(uc))
+    ok = in_train[ic] & (unseen_in_history == 0) & (pos - user_start >= max(min_history, 1))
+    train_end = starts + np.bincount(uc, weights=period == 0, minlength=uc.max() + 1)[uc[starts]].astype(np.int64)
+    out = [(starts, train_end, uc[starts])]
+    for p in (1, 2):
+        c = np.flatnonzero(ok & (period == p))
+        out.append((user_start[c], c, uc[c], c))
+    return out, in_train
+
+
+def build_dataset(cols, name, titles=None, **overrides):
+    """Parsed columns -> Dataset: preprocessing, split, id remapping (0 = PAD), statistics."""
+    kind = overrides.pop("kind", None) or ("raw" if cols["has_time"] else "processed")
+    opts = dict(DEFAULTS[kind])
+    opts.update({k: v for k, v in overrides.items() if v is not None})
+    if opts["kcore_mode"] not in ("once", "iterative"):
+        raise DataError(f"--kcore-mode must be 'once' or 'iterative', not {opts['kcore_mode']!r}")
+    uc, ic, t, user_ids, item_ids = _preprocess(cols, opts, name)
+    if opts["split"] == "loo":
+        rows = _leave_one_out(uc, ic)
+        used = np.ones(len(item_ids), dtype=bool)
+        used[np.setdiff1d(np.arange(len(item_ids)), ic)] = False
+    elif opts["split"] == "time":
+        if not cols["has_time"]:
+            raise DataError(f"{name} has no timestamps, so it cannot be split by time; use --split loo")
+        cuts = opts.get("time_cuts")
+        if not cuts:  # ReaRec's Yelp rule: cut at 80 % and 90 % of the time range
+            lo, hi = int(t.min()), int(t.max())
+            cuts = (lo + 0.8 * (hi - lo), lo + 0.9 * (hi - lo))
+        opts["time_cuts"] = [int(c) for c in cuts]
+        rows, used = _time_split(uc, ic, t, opts["time_cuts"], opts["min_history"])
+    else:
+        raise DataError(f"--split must be 'loo' or 'time', not {opts['split']!r}")
+    # Remap: items in sorted raw-id order -> 1..N (0 = PAD); only items that can be trained on.
+    remap = np.zeros(len(item_ids), dtype=np.int64)
+    remap[used] = np.arange(1, used.sum() + 1)
+    flat = remap[ic]  # items outside `used` only ever sit in dropped time-split positions
+    train, valid, test = (
+        Seqs(flat, s, e, us, None if len(r) == 3 else flat[r[3]]) for r in rows
+        for s, e, us in [r[:3]])
+    text = None
+    if titles:
+        text = [""] + [str(titles.get(raw, titles.get(str(raw), ""))) for raw in item_ids[used]]
+    lens = np.bincount(uc)
+    lens = lens[lens > 0]
+    stats = dict(name=name, users=int(len(lens)), items=int(used.sum()), interactions=int(len(uc)),
+                 avg_len=round(float(lens.mean()), 2), min_len=int(lens.min()),
+                 max_len=int(lens.max()), density=round(len(uc) / len(lens) / max(used.sum(), 1), 6),
+                 split=opts["split"], train_interactions=int(train.lengths().sum()),
+                 train_targets=int(np.maximum(train.lengths() - 1, 0).sum()),
+                 valid_cases=len(valid), test_cases=len(test), has_text=text is not None,
+                 preprocessing={k: opts[k] for k in DEFAULTS[kind]} | (
+                     {"time_cuts": opts["time_cuts"]} if opts["split"] == "time" else {}))
+    if len(test) == 0 or len(valid) == 0:
+        raise DataError(f"{name}: the {opts['split']} split left no validation or test cases "
+                        f"({len(valid)} / {len(test)}); check --split / --time-cuts / --min-history")
+    return Dataset(name, int(used.sum()), train, valid, test, text,
+                   np.r_[np.zeros(1, item_ids.dtype), item_ids[used]], user_ids, stats)
+
+
+def load_dataset(name="synthetic", data_dir="data", *, meta=None, verbose=True, **overrides):
+    """Load a named dataset (downloading it once into `data_dir`) or a local file.
+
+    `overrides` (None = the dataset's default, see DEFAULTS): min_rating, dedup, kcore,
+    kcore_mode, split, time_cuts, min_history. `meta`: a metadata file with item titles
+    (found automatically next to local files and in `data_dir` for named datasets).
+    """
+    titles, kind = None, None
+    if name == "synthetic":
+        cols, titles = make_synthetic()
+        kind = "processed"
+    elif os.path.isdir(name):
+        raise DataError(f"{name} is a folder; pass the interactions file inside it")
+    elif os.path.exists(name):
+        cols = _load_local(name)
+        if name.endswith(".zip"):
+            titles = _zip_meta(name)
+        else:
+            meta = meta or _sibling_meta(name)
+    elif name in MOVIELENS and os.path.exists(os.path.join(data_dir, name + ".txt")):
+        path = os.path.join(data_dir, name + ".txt")  # SASRec's preprocessed copy, used as it is
+        if verbose:
+            print(f"using {path} (SASRec format, already preprocessed)")
+        cols = parse_file(path)
+    else:
+        files, main_file, meta_src, kind = _sources(name)
+        paths = [download(urls, os.path.join(data_dir, f), md5) for f, urls, md5 in files]
+        cols = _concat([_load_local(p) for p in paths])
+        if name in MOVIELENS:
+            titles = _zip_meta(paths[0])
+        elif meta is None and meta_src and os.path.exists(os.path.join(data_dir, meta_src[0])):
+            meta = os.path.join(data_dir, meta_src[0])
+    if meta:
+        titles = parse_meta(meta)
+    ds = build_dataset(cols, name, titles, kind=kind, **overrides)
+    if verbose:
+        s = ds.stats
+        print(f"dataset {name}: {s['users']} users, {s['items']} items, {s['interactions']} "
+              f"interactions (avg len {s['avg_len']}) | preprocessing {s['preprocessing']} | "
+              f"split {s['split']}: {s['train_interactions']} train items, "
+              f"{s['valid_cases']} valid / {s['test_cases']} test cases")
+    return ds
+
+
+ZIP_MEMBERS = {"ratings.dat": "movies.dat", "u.data": "u.item", "ratings.csv": "movies.csv"}
+
+
+def _zip_member(path, meta=False):
+    with zipfile.ZipFile(path) as z:
+        for n in z.namelist():
+            base = os.path.basename(n)
+            if base in ZIP_MEMBERS:
+                target = os.path.join(os.path.dirname(n), ZIP_MEMBERS[base]) if meta else n
+                return target if target in z.namelist() else None
+    if meta:
+        return None
+    raise DataError(f"{path}: no ratings.dat, u.data or ratings.csv inside the zip")
+
+
+def _zip_meta(path):
+    inner = _zip_member(path, meta=True)
+    return parse_meta(path, inner) if inner else None
+
+
+def _load_local(path):
+    if path.endswith(".zip"):
+        try:
+            return parse_file(path, _zip_member(path))
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{path} is not a valid zip ({e}); delete it and download it again") from None
+    return parse_file(path)
+
+
+# -----------------------------------------------------------------------------
+# Batching: vectorised windows over the CSR arrays (no per-row Python loops)
+# -----------------------------------------------------------------------------
+def windows(items, starts, ends, length):
+    """Row r = items[max(starts[r], ends[r] - length) : ends[r]], left-padded with PAD.
+
+    (R,) starts/ends -> (R, length) int64: the last `length` items of each row, newest last.
+    """
+    idx = ends[:, None] - length + np.arange(length)[None, :]  # (R, length) positions in `items`
+    valid = idx >= starts[:, None]
+    if items.size == 0:
+        return np.zeros(idx.shape, dtype=np.int64)
+    return np.where(valid, items[np.clip(idx, 0, None)], PAD)
+
+
+def train_batches(train, maxlen, batch_size, *, pairs=False, device="cpu", generator=None):
+    """Yield shuffled training batches (a fresh permutation from `generator` each call).
+
+    pairs=False (SASRec / ReaRec): one row per user, targets at every position
+        inputs (B, L), targets (B, L): targets[b, j] is the item after inputs[b, j]; PAD = no loss.
+    pairs=True (TIGER / STREAM-Rec): one row per (prefix -> next item) example
+        histories (B, L), targets (B,)
+    """
+    lens = train.lengths()
+    if pairs:  # every position after a user's first item is a target, its prefix the history
+        row_start = np.repeat(train.starts, lens)  # (n,) for every training position
+        offset = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        starts, ends = row_start[offset >= 1], (row_start + offset)[offset >= 1]
+    else:  # users with < 2 items have nothing to predict
+        keep = lens >= 2
+        starts, ends = train.starts[keep], train.ends[keep]
+    n = len(starts)
+    order = torch.randperm(n, generator=generator).numpy() if generator is not None else np.arange(n)
+    for b in range(0, n, batch_size):
+        rows = order[b:b + batch_size]
+        if pairs:
+            hist = windows(train.items, starts[rows], ends[rows], maxlen)  # (B, L)
+            yield (torch.from_numpy(hist).to(device), torch.from_numpy(train.items[ends[rows]]).to(device))
+        else:
+            w = torch.from_numpy(windows(train.items, starts[rows], ends[rows], maxlen + 1))
+            inputs, targets = w[:, :-1], w[:, 1:].clone()  # (B, L) each
+            targets[inputs == PAD] = PAD  # the oldest kept item has no input before it
+            yield inputs.to(device), targets.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: full ranking over all items, the one protocol both methods report
+# -----------------------------------------------------------------------------
+def _discounts(n, device):
+    """cumulative tables, index r = sum over ranks 1..r: D of 1/log2(rank+1), H of 1/rank."""
+    r = torch.arange(1, n + 1, dtype=torch.float64, device=device)
+    zero = torch.zeros(1, dtype=torch.float64, device=device)
+    return torch.cat([zero, torch.cumsum(1 / torch.log2(r + 1), 0)]), torch.cat([zero, torch.cumsum(1 / r, 0)])
+
+
+def rank_metrics(out, targets, exclude=None, ks=KS):
+    """Per-case Recall/NDCG/MRR@k and MRR from a score matrix or from ranked top-K lists.
+
+    out: (B, N+1) float scores over all item ids (column 0 = PAD, never ranked), or
+         (B, K) int item ids, best first (PAD = empty slot; repeats count once).
+    exclude: (B, H) int item ids to remove from the ranking (the user's history), PAD-padded;
+         the target itself is never removed.
+    Ties: with scores, the target shares its rank uniformly with every item of equal score, and
+    we report the exact expectation over that tie. A constant model therefore scores like a
+    random ranking -- never perfectly (ties never favour the target).
+    Returns {name: (B,) float64 tensor}.
+    """
+    t = targets.view(-1, 1)  # (B, 1)
+    if out.dtype.is_floating_point:
+        scores = out.float().clone()  # (B, N+1), the caller's tensor stays untouched
+        if torch.isnan(scores).any():
+            raise DataError("the model produced NaN scores; training diverged (lower the learning "
+                            "rate or the loss weights)")
+        ts = scores.gather(1, t)  # (B, 1) target score
+        scores[:, PAD] = -math.inf
+        if exclude is not None:
+            scores.scatter_(1, exclude, -math.inf)
+        scores.scatter_(1, t, ts)
+        greater = (scores > ts).sum(1).double()  # (B,)
+        ties = (scores == ts).sum(1).double() - 1
+        n = scores.shape[1]
+    else:
+        lists = out  # (B, K)
+        keep = lists != PAD
+        first = ~torch.triu(lists[:, :, None] == lists[:, None, :], diagonal=1).any(1)  # (B, K)
+        keep &= first
+        if exclude is not None:
+            seen = (lists[:, :, None] == exclude[:, None, :]).any(2) & (lists != t)
+            keep &= ~seen
+        hit = keep & (lists == t)  # (B, K) at most one True per row
+        rank = torch.where(hit.any(1), (keep.long().cumsum(1) * hit).sum(1), 10**9)
+        greater, ties = (rank - 1).double(), torch.zeros_like(rank, dtype=torch.float64)
+        n = lists.shape[1]
+    D, H = _discounts(n + 1, out.device)
+    lo, hi, cnt = greater + 1, greater + ties + 1, ties + 1  # the target's rank is uniform on [lo, hi]
+    lo_i = lo.clamp(max=n + 1).long()
+    res = {}
+    for k in ks:
+        top = torch.minimum(hi, torch.full_like(hi, k)).clamp(min=0).long()  # min(hi, k)
+        inside = lo <= k
+        res[f"recall@{k}"] = torch.where(inside, (top - lo_i + 1) / cnt, 0.0)
+        res[f"ndcg@{k}"] = torch.where(inside, (D[top] - D[lo_i - 1]) / cnt, 0.0)  # IDCG = 1
+        res[f"mrr@{k}"] = torch.where(inside, (H[top] - H[lo_i - 1]) / cnt, 0.0)
+    hi_i = hi.clamp(max=n + 1).long()
+    res["mrr"] = torch.where(lo <= n, (H[hi_i] - H[lo_i - 1]) / cnt, 0.0)
+    return res
+
+
+def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, mask_history=True,
+             oracle_of=None):
+    """Mean metrics of `score_fn` over an evaluation split (full ranking, batched).
+
+    score_fn(histories (B, L) long on `device`) returns (B, N+1) scores, (B, K) ranked item
+    lists, or a dict of several such views {name: tensor} (e.g. one per reasoning step).
+    mask_history: remove the case's whole history (not only the last L items) from the ranking.
+    oracle_of: names of views; adds view "oracle" = per case, the best of those views, chosen
+    with the label (an upper bound, ReaRec Fig. 2).
+    Returns {metric: float} for a tensor, {view: {metric: float}} for a dict.
+    """
+    sums, single = {}, None
+    for b in range(0, len(split), batch_size):
+        rows = slice(b, b + batch_size)
+        hist = torch.from_numpy(windows(split.items, split.starts[rows], split.ends[rows], maxlen)).to(device)
+        target = torch.from_numpy(split.targets[rows]).to(device)
+        exclude = None
+        if mask_history:
+            longest = int((split.ends[rows] - split.starts[rows]).max(initial=1))
+            exclude = torch.from_numpy(windows(split.items, split.starts[rows], split.ends[rows],
+                                               max(longest, 1))).to(device)
+        with torch.no_grad():
+            out = score_fn(hist)
+        single = not isinstance(out, dict)
+        views = {"": out} if single else out
+        per = {name: rank_metrics(v, target, exclude, ks) for name, v in views.items()}
+        if oracle_of:
+            per["oracle"] = {m: torch.stack([per[v][m] for v in oracle_of]).max(0).values
+                             for m in per[oracle_of[0]]}
+        for name, ms in per.items():
+            acc = sums.setdefault(name, {})
+            for m, vals in ms.items():
+                acc[m] = acc.get(m, 0.0) + float(vals.sum())
+    n = max(len(split), 1)
+    res = {name: {m: v / n for m, v in ms.items()} for name, ms in sums.items()}
+    return res[""] if single else res
+
+
+# -----------------------------------------------------------------------------
+# CLI
+# -----------------------------------------------------------------------------
+def add_data_args(p):
+    """The data flags every script shares (also accepted with underscores)."""
+    def arg(flag, **kw):
+        p.add_argument(flag, flag.replace("-", "_").replace("__", "--"), **kw)
+    arg("--dataset", default="synthetic", help="synthetic | ml-100k | ml-1m | ml-20m | "
+        "amazon2014-<Cat> | amazon2018-<Cat> | amazon2023-<Cat>[-time] | path to a file")
+    arg("--data-dir", default="data", help="download cache (default: ./data)")
+    arg("--min-rating", type=float, help="keep ratings >= this (default: per dataset)")
+    arg("--dedup", action=argparse.BooleanOptionalAction, default=None,
+        help="keep only the earliest (user, item) interaction (default: per dataset)")
+    arg("--kcore", type=int, help="drop users/items with < k interactions; 0 = off (default: per dataset)")
+    arg("--kcore-mode", choices=["once", "iterative"], help="one pass (SASRec) or to a fixed point")
+    arg("--split", choices=["loo", "time"], help="leave-one-out or global time split")
+    arg("--time-cuts", type=lambda s: [float(x) for x in s.split(",")],
+        help="t1,t2 for --split time, in the file's time unit (default: 80%%/90%% of the range)")
+    arg("--min-history", type=int, help="time split: minimum history items of a valid/test case")
+    arg("--meta", help="metadata file with item titles (default: found automatically)")
+
+
+def data_kwargs(args):
+    """The load_dataset keyword arguments of parsed data flags."""
+    keys = ("min_rating", "dedup", "kcore", "kcore_mode", "split", "time_cuts", "min_history", "meta")
+    return {k: getattr(args, k) for k in keys}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Load, preprocess and split a dataset; print statistics.")
+    add_data_args(p)
+    p.add_argument("--stats", action="store_true", help="print dataset statistics as one JSON object")
+    p.add_argument("--download", action="store_true", help="only fetch the files into --data-dir")
+    p.add_argument("--with-meta", action="store_true", help="with --download: also fetch item metadata")
+    args = p.parse_args(argv)
+    try:
+        if args.download:
+            if args.dataset == "synthetic" or os.path.exists(args.dataset):
+                raise DataError(f"{args.dataset} needs no download")
+            files, _, meta_src, _ = _sources(args.dataset)
+            if args.with_meta and meta_src:
+                files = files + [(meta_src[0], meta_src[1], None)]
+            for f, urls, md5 in files:
+                print(download(urls, os.path.join(args.data_dir, f), md5))
+            return None
+        ds = load_dataset(args.dataset, args.data_dir, verbose=not args.stats, **data_kwargs(args))
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(ds.stats))
+    return ds.stats
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""Tests of data.py, rearec.py and stream_rec.py: offline, CPU only, a few minutes at most.
+
+Run: python -m pytest -q test_all.py
+"""
+import gzip
+import hashlib
+import http.server
+import json
+import math
+import os
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+# =============================================================================
+# data.py
+# =============================================================================
+def full_sequences(ds):
+    """raw user id -> raw item ids of the user's whole sequence (leave-one-out datasets)."""
+    out = {}
+    v = {int(u): int(t) for u, t in zip(ds.valid.users, ds.valid.targets)}
+    t = {int(u): int(x) for u, x in zip(ds.test.users, ds.test.targets)}
+    for r in range(len(ds.train)):
+        u = int(ds.train.users[r])
+        seq = list(ds.train[r]) + ([v[u], t[u]] if u in v else [])
+        out[ds.user_ids[u].item()] = [ds.item_ids[i].item() for i in seq]
+    return out
+
+
+def write(path, text, gz=False):
+    path = Path(path)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# --- Metrics: hand-computed values --------------------------------------------------------------
+def test_metrics_hand_computed():
+    # 5 items (ids 1..5). Column 0 is PAD and gets the highest score: it must never be ranked.
+    scores = torch.tensor([[9.0, 0.9, 0.8, 0.7, 0.6, 0.5],    # target 3 -> rank 3
+                           [9.0, 0.9, 0.8, 0.7, 0.6, 0.5],    # target 1 -> rank 1
+                           [9.0, 0.9, 0.8, 0.7, 0.6, 0.5]])   # target 5 -> rank 5
+    m = data.rank_metrics(scores, torch.tensor([3, 1, 5]), ks=(2, 5))
+    assert m["recall@2"].tolist() == [0, 1, 0]
+    assert m["recall@5"].tolist() == [1, 1, 1]
+    assert m["ndcg@5"].tolist() == pytest.approx([1 / math.log2(4), 1.0, 1 / math.log2(6)])
+    assert m["ndcg@2"].tolist() == pytest.approx([0, 1, 0])
+    assert m["mrr"].tolist() == pytest.approx([1 / 3, 1, 1 / 5])
+    assert m["mrr@2"].tolist() == pytest.approx([0, 1, 0])
+    # Masking the history: items 1 and 2 removed for case 3 -> target 5 ranks 3rd. The target
+    # itself is never removed, even when it is in the history (case 2).
+    exclude = torch.tensor([[0, 0], [1, 0], [1, 2]])
+    m = data.rank_metrics(scores, torch.tensor([3, 1, 5]), exclude, ks=(2, 5))
+    assert m["ndcg@5"].tolist() == pytest.approx([1 / math.log2(4), 1.0, 1 / math.log2(4)])
+    assert m["mrr"].tolist() == pytest.approx([1 / 3, 1, 1 / 3])
+
+
+def test_metrics_ties_never_favour_the_target():
+    # A constant model ranks like a random permutation: the exact expectation over the tie.
+    n = 10
+    m = data.rank_metrics(torch.zeros(1, n + 1), torch.tensor([4]), ks=(5,))
+    assert m["recall@5"].item() == pytest.approx(0.5)
+    assert m["ndcg@5"].item() == pytest.approx(sum(1 / math.log2(r + 1) for r in range(1, 6)) / n)
+    assert m["mrr"].item() == pytest.approx(sum(1 / r for r in range(1, n + 1)) / n)
+    # One item above, one tied with the target -> the rank is 2 or 3 with equal chance.
+    s = torch.tensor([[0.0, 5.0, 1.0, 1.0, 0.0]])
+    m = data.rank_metrics(s, torch.tensor([2]), ks=(2,))
+    assert m["recall@2"].item() == pytest.approx(0.5)
+    assert m["ndcg@2"].item() == pytest.approx(1 / math.log2(3) / 2)
+    assert m["mrr"].item() == pytest.approx((1 / 2 + 1 / 3) / 2)
+
+
+def test_metrics_from_ranked_lists():
+    lists = torch.tensor([[3, 3, 1, 2], [0, 4, 5, 1], [2, 4, 5, 3]])  # PAD = empty slot
+    targets = torch.tensor([1, 1, 1])  # rank 2 (the repeated 3 counts once), 3, absent
+    m = data.rank_metrics(lists, targets, ks=(2, 3))
+    assert m["recall@2"].tolist() == [1, 0, 0]
+    assert m["recall@3"].tolist() == [1, 1, 0]
+    assert m["ndcg@3"].tolist() == pytest.approx([1 / math.log2(3), 1 / math.log2(4), 0])
+    assert m["mrr"].tolist() == pytest.approx([1 / 2, 1 / 3, 0])
+    exclude = torch.tensor([[3, 0], [4, 0], [2, 0]])  # history items leave the list
+    m = data.rank_metrics(lists, targets, exclude, ks=(2, 3))
+    assert m["mrr"].tolist() == pytest.approx([1, 1 / 2, 0])
+
+
+def test_nan_scores_are_an_error():
+    with pytest.raises(data.DataError, match="NaN"):
+        data.rank_metrics(torch.full((1, 4), float("nan")), torch.tensor([1]))
+
+
+def small_dataset():
+    text = "".join(f"{u} {i}\n" for u, seq in [(1, [7, 3, 9, 4, 2]), (2, [5, 6]), (3, [1, 2, 3, 4, 8])]
+                   for i in seq)
+    return data.build_dataset(data.parse_file(write_tmp(text)), "tiny")
+
+
+def write_tmp(text, suffix=".txt"):
+    import tempfile
+    fd, path = tempfile.mkstemp(suffix=suffix)
+    os.write(fd, text.encode())
+    os.close(fd)
+    return path
+
+
+def test_evaluate_views_and_oracle():
+    ds = small_dataset()  # test cases: user 1 -> item 2, user 3 -> item 8
+    n = ds.n_items
+    good_for_first = torch.zeros(2, n + 1)
+    good_for_first[0, 2] = 1.0  # case 0's target on top, case 1's target tied with everything
+    good_for_second = torch.zeros(2, n + 1)
+    good_for_second[1, 8] = 1.0
+    views = lambda h: {"a": good_for_first[: len(h)], "b": good_for_second[: len(h)]}
+    res = data.evaluate(views, ds.test, maxlen=3, oracle_of=["a", "b"], mask_history=False)
+    assert res["oracle"]["ndcg@5"] == pytest.approx(1.0)
+    assert res["a"]["ndcg@5"] < 1 and res["b"]["ndcg@5"] < 1
+    assert res["oracle"]["ndcg@5"] >= max(res["a"]["ndcg@5"], res["b"]["ndcg@5"])
+
+
+# --- Layouts --------------------------------------------------------------------------------------
+ML_RATINGS = "1::10::5::100\n1::20::3::90\n1::30::4::100\n2::10::1::50\n2::30::2::40\n"
+EXPECTED_ML = {1: [20, 10, 30], 2: [30, 10]}  # by time; 10 and 30 tie at t=100: file order kept
+
+
+def test_parse_sasrec_pairs_and_user_lists(tmp_path):
+    ds = data.load_dataset(write(tmp_path / "s.txt", "1 5\n1 3\n2 3\n2 4\n1 4\n"), verbose=False,
+                           split="loo")
+    assert full_sequences(ds) == {1: [5, 3, 4], 2: [3, 4]}  # file order is the order
+    ds = data.load_dataset(write(tmp_path / "l.txt", "u1 10 20 30\nu2 20 30 40 50\n"), verbose=False)
+    assert full_sequences(ds) == {"u1": [10, 20, 30], "u2": [20, 30, 40, 50]}
+    assert ds.n_items == 5 and ds.item_ids[1:].tolist() == [10, 20, 30, 40, 50]
+
+
+def test_parse_movielens_dat_with_titles_and_stable_ties(tmp_path):
+    path = write(tmp_path / "ratings.dat", ML_RATINGS)
+    (tmp_path / "movies.dat").write_bytes("10::Mis\xe9rables (1995)::Drama|Musical\n20::B::Comedy\n"
+                                          "30::C::Horror\n".encode("latin-1"))
+    ds = data.load_dataset(path, verbose=False, kcore=0)
+    assert full_sequences(ds) == EXPECTED_ML
+    assert ds.item_text[1] == "Misérables (1995) | Drama Musical"  # item 1 = raw 10 (sorted ids)
+
+
+def test_parse_csv_tsv_json_gz_zip(tmp_path):
+    rows = [("A", "x", 5.0, 3), ("A", "y", 4.0, 1), ("A", "w", 5.0, 5),
+            ("B", "x", 2.0, 7), ("B", "z", 5.0, 2), ("B", "w", 5.0, 9)]
+    expected = {"A": ["y", "x", "w"], "B": ["z", "x", "w"]}
+    csv_text = "user_id,parent_asin,rating,timestamp\n" + "".join(f"{u},{i},{r},{t}\n" for u, i, r, t in rows)
+    tsv_text = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n" + \
+        "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows)  # RecBole atomic file
+    j2014 = "".join(json.dumps({"reviewerID": u, "asin": i, "overall": r, "unixReviewTime": t,
+                                "helpful": [0, 0]}) + "\n" for u, i, r, t in rows)
+    loose = "".join(repr({"reviewerID": u, "asin": i, "overall": r, "unixReviewTime": t}) + "\n"
+                    for u, i, r, t in rows)  # 2014 full dumps: Python literals, single quotes
+    j2023 = "".join(json.dumps({"user_id": u, "parent_asin": i, "rating": r, "timestamp": t,
+                                "text": "ok"}) + "\n" for u, i, r, t in rows)
+    for name, text in [("a.csv.gz", csv_text), ("a.inter", tsv_text), ("b_5.json.gz", j2014),
+                       ("c.json", loose), ("d.jsonl.gz", j2023)]:
+        path = write(tmp_path / name, text, gz=name.endswith(".gz"))
+        ds = data.load_dataset(path, verbose=False, kcore=0, dedup=False, min_history=1)
+        assert full_sequences(ds) == expected, name
+    # rating threshold: B's rating-2 interaction goes
+    ds = data.load_dataset(str(tmp_path / "a.csv.gz"), verbose=False, kcore=0, min_rating=4)
+    assert full_sequences(ds) == {"A": ["y", "x", "w"], "B": ["z", "w"]}
+    # MovieLens-100k u.data (tab separated, no header) and a GroupLens-style zip
+    u_data = "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in [(1, 10, 5, 100), (1, 20, 3, 90),
+                                                                  (1, 30, 4, 100), (2, 10, 1, 50), (2, 30, 2, 40)])
+    assert full_sequences(data.load_dataset(write(tmp_path / "u.data", u_data), verbose=False,
+                                            kcore=0)) == EXPECTED_ML
+    with zipfile.ZipFile(tmp_path / "ml.zip", "w") as z:
+        z.writestr("ml-1m/ratings.dat", ML_RATINGS)
+        z.writestr("ml-1m/movies.dat", "10::A::Drama\n20::B::Comedy\n30::C::Horror\n")
+    ds = data.load_dataset(str(tmp_path / "ml.zip"), verbose=False, kcore=0)
+    assert full_sequences(ds) == EXPECTED_ML and ds.item_text[2] == "B | Comedy"
+
+
+def test_amazon_meta_next_to_reviews(tmp_path):
+    rows = "".join(json.dumps({"reviewerID": u, "asin": i, "overall": 5.0, "unixReviewTime": t}) + "\n"
+                   for u, i, t in [("A", "p1", 1), ("A", "p2", 2), ("A", "p3", 3)])
+    path = write(tmp_path / "reviews_Toys_5.json.gz", rows, gz=True)
+    meta = "".join(repr({"asin": a, "title": t, "categories": [["Toys", "Games"]]}) + "\n"
+                   for a, t in [("p1", "Red car"), ("p2", "Blue ball")])
+    write(tmp_path / "meta_Toys.json.gz", meta, gz=True)
+    ds = data.load_dataset(path, verbose=False, kcore=0)
+    assert ds.item_text == ["", "Red car | Toys Games", "Blue ball | Toys Games", ""]
+
+
+# --- Preprocessing and splits ---------------------------------------------------------------------
+def test_kcore_once_versus_iterative():
+    # k = 2. Item c has 1 interaction. Dropping it leaves user 3 with 1 item: a single pass
+    # (SASRec, counts from the unfiltered data) keeps user 3, the iterative k-core drops it too.
+    cols = data._columns([1, 1, 2, 2, 3, 3], ["a", "b", "a", "b", "a", "c"], None, [1, 2, 1, 2, 1, 2])
+    opts = dict(data.DEFAULTS["raw"], kcore=2)
+    uc, ic, _, users, items = data._preprocess(cols, opts | {"kcore_mode": "once"}, "t")
+    assert len(uc) == 5 and sorted(set(items[ic])) == ["a", "b"]
+    uc, ic, _, users, items = data._preprocess(cols, opts | {"kcore_mode": "iterative"}, "t")
+    assert len(uc) == 4 and sorted(set(users[uc].tolist())) == [1, 2]
+
+
+def test_dedup_keeps_the_earliest():
+    cols = data._columns([1, 1, 1], ["a", "b", "a"], None, [5, 1, 0])  # "a" at t=5 and t=0
+    uc, ic, t, _, items = data._preprocess(cols, dict(data.DEFAULTS["raw"], kcore=0), "t")
+    assert items[ic].tolist() == ["a", "b"] and t.tolist() == [0, 1]
+
+
+def test_leave_one_out_split():
+    ds = small_dataset()
+    assert ds.item_ids[1:].tolist() == list(range(1, 10))  # raw ids 1..9 keep their value
+    r = list(ds.train.users).index(0)  # user "1": [7, 3, 9, 4, 2]
+    assert ds.train[r].tolist() == [7, 3, 9]
+    v = list(ds.valid.users).index(0)
+    assert ds.valid[v].tolist() == [7, 3, 9] and ds.valid.targets[v] == 4
+    assert ds.test[v].tolist() == [7, 3, 9, 4] and ds.test.targets[v] == 2
+    assert 1 not in ds.test.users  # user "2" has only 2 items: training only
+    assert ds.stats["valid_cases"] == ds.stats["test_cases"] == 2
+
+
+def test_time_split(tmp_path):
+    # cuts at 10 and 20. User A: 3 training items, one valid (t=12), one test (t=25).
+    # User B: item "y" appears only after t1, so B's valid case (target y) and test case (history
+    # contains y) are both dropped, as in ReaRec's notebooks.
+    rows = [("A", "a", 1), ("A", "b", 2), ("A", "c", 3), ("A", "b2", 12), ("A", "a2", 25),
+            ("B", "b2", 5), ("B", "a2", 6), ("B", "y", 15), ("B", "a", 22)]
+    text = "user,item,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows)
+    ds = data.load_dataset(write(tmp_path / "t.csv", text), verbose=False, split="time",
+                           time_cuts=[10, 20], kcore=0, min_history=1)
+    name = lambda i: ds.item_ids[i]
+    assert ds.n_items == 5  # y never occurs in training: it gets no id
+    assert [[name(i) for i in ds.train[r]] for r in range(len(ds.train))] == [["a", "b", "c"], ["b2", "a2"]]
+    assert len(ds.valid) == 1 and name(ds.valid.targets[0]) == "b2"
+    assert len(ds.test) == 1 and name(ds.test.targets[0]) == "a2"
+    assert [name(i) for i in ds.test[0]] == ["a", "b", "c", "b2"]  # history spans the valid period
+    with pytest.raises(data.DataError, match="no validation or test"):
+        data.load_dataset(str(tmp_path / "t.csv"), verbose=False, split="time", time_cuts=[10, 20],
+                          kcore=0, min_history=5)
+
+
+def test_sequences_in_the_time_split_keep_chronological_order_across_files(tmp_path):
+    # amazon2023-<Cat>-time reads three files; their union is re-sorted per user.
+    for split, rows in [("train", [("A", "a", 1), ("A", "b", 2), ("B", "c", 3), ("B", "d", 4)]),
+                        ("valid", [("A", "c", 12)]),
+                        ("test", [("A", "d", 25)])]:
+        write(tmp_path / f"X.{split}.csv.gz", "user_id,parent_asin,rating,timestamp,history\n" +
+              "".join(f"{u},{i},5.0,{t},\n" for u, i, t in rows), gz=True)
+    cols = data._concat([data.parse_file(str(tmp_path / f"X.{s}.csv.gz")) for s in ("test", "valid", "train")])
+    ds = data.build_dataset(cols, "X", split="time", time_cuts=[10, 20], kcore=0, min_history=1)
+    assert [ds.item_ids[i] for i in ds.test[0]] == ["a", "b", "c"] and ds.item_ids[ds.test.targets[0]] == "d"
+
+
+# --- Batching ---------------------------------------------------------------------------------------
+def test_train_batches_every_position_and_pairs():
+    ds = small_dataset()
+    rows = {tuple(i.tolist()): tuple(t.tolist())
+            for x, y in data.train_batches(ds.train, 4, 10) for i, t in zip(x, y)}
+    assert rows[(0, 0, 7, 3)] == (0, 0, 3, 9)  # user 1, train [7, 3, 9]
+    assert rows[(0, 0, 0, 5)] == (0, 0, 0, 6)  # user 2, train [5, 6]
+    (x, y), = list(data.train_batches(ds.train, 1, 10))[:1]
+    assert sorted(zip(x[:, 0].tolist(), y[:, 0].tolist())) == [(2, 3), (3, 9), (5, 6)]
+    pairs = {(tuple(h.tolist()), int(t)) for h, ts in data.train_batches(ds.train, 3, 2, pairs=True)
+             for h, t in zip(h, ts)}
+    assert pairs == {((0, 0, 7), 3), ((0, 7, 3), 9), ((0, 0, 5), 6), ((0, 0, 1), 2), ((0, 1, 2), 3)}
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    a = [x for x, _ in data.train_batches(ds.train, 4, 1, generator=g1)]
+    b = [x for x, _ in data.train_batches(ds.train, 4, 1, generator=g2)]
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+# --- Synthetic data --------------------------------------------------------------------------------
+def test_synthetic_is_deterministic_and_learnable():
+    a, ta = data.make_synthetic(seed=0)
+    b, tb = data.make_synthetic(seed=0)
+    c, _ = data.make_synthetic(seed=1)
+    assert all(np.array_equal(a[k], b[k]) for k in ("user", "item", "time")) and ta == tb
+    assert not np.array_equal(a["item"], c["item"])
+    ds = data.load_dataset("synthetic", verbose=False)
+    n = ds.n_items
+    pop = torch.from_numpy(np.bincount(ds.train.items, minlength=n + 1)).double()
+    counts = np.zeros((n + 1, n + 1))
+    for r in range(len(ds.train)):  # first-order Markov: counts of (item -> next item)
+        s = ds.train[r]
+        np.add.at(counts, (s[:-1], s[1:]), 1)
+    counts = torch.from_numpy(counts)
+    popularity = data.evaluate(lambda h: pop.expand(len(h), -1), ds.test, 50)
+    markov = data.evaluate(lambda h: counts[h[:, -1]] + 1e-6 * pop, ds.test, 50)
+    assert markov["ndcg@10"] > 5 * popularity["ndcg@10"] and markov["recall@10"] > 0.5
+    assert ds.item_text[1].split()[1] == ds.item_text[2].split()[1]  # same topic word
+
+
+# --- Downloads against a local HTTP server ---------------------------------------------------------
+class Server:
+    """A tiny HTTP server on 127.0.0.1 serving in-memory files; counts requests."""
+
+    def __init__(self, files):
+        self.files, self.requests, self.lie_about_length = files, [], False
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests.append(self.path)
+                body = outer.files.get(self.path.lstrip("/"))
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body) + (100 if outer.lie_about_length else 0)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def ml_zip_bytes():
+    import io
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("ml-1m/ratings.dat", ML_RATINGS * 1)
+        z.writestr("ml-1m/movies.dat", "10::A::Drama\n20::B::Comedy\n30::C::Horror\n")
+    return buf.getvalue()
+
+
+def test_download_progress_cache_corruption_and_errors(tmp_path, capsys):
+    body = gzip.compress(b"user,item\n" + b"a,b\n" * 50_000)
+    srv = Server({"f.csv.gz": body, "bad.gz": b"not gzip at all"})
+    try:
+        dest = str(tmp_path / "cache" / "f.csv.gz")
+        data.download(srv.url + "f.csv.gz", dest)
+        assert Path(dest).read_bytes() == body and "downloading" in capsys.readouterr().err
+        data.download(srv.url + "f.csv.gz", dest)  # cache hit: no new request
+        assert len(srv.requests) == 1
+        Path(dest).write_bytes(body[:100])  # a truncated cached copy is fetched again
+        data.download(srv.url + "f.csv.gz", dest)
+        assert len(srv.requests) == 2 and Path(dest).read_bytes() == body
+        assert "corrupt" in capsys.readouterr().err
+        with pytest.raises(data.DataError, match="corrupt"):  # bad content is never kept
+            data.download(srv.url + "bad.gz", str(tmp_path / "bad.gz"))
+        with pytest.raises(data.DataError, match="md5"):
+            data.download(srv.url + "f.csv.gz", str(tmp_path / "m.csv.gz"), md5="0" * 32)
+        srv.lie_about_length = True  # the connection ends before Content-Length bytes
+        with pytest.raises(data.DataError):
+            data.download(srv.url + "f.csv.gz", str(tmp_path / "short.csv.gz"))
+        srv.lie_about_length = False
+        with pytest.raises(data.DataError, match="404"):
+            data.download(srv.url + "missing.gz", str(tmp_path / "missing.gz"))
+        # mirrors: the first URL fails, the second works
+        data.download([srv.url + "missing.gz", srv.url + "f.csv.gz"], str(tmp_path / "m2.csv.gz"))
+    finally:
+        srv.close()
+    # server down: a one-line error naming the URL and where to put the file by hand
+    with pytest.raises(data.DataError) as e:
+        data.download(srv.url + "f.csv.gz", str(tmp_path / "off.csv.gz"))
+    msg = str(e.value)
+    assert srv.url + "f.csv.gz" in msg and str(tmp_path / "off.csv.gz") in msg and "\n" not in msg
+    leftovers = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert not any(n.endswith(".part") for n in leftovers)
+    assert not {"bad.gz", "m.csv.gz", "short.csv.gz", "missing.gz", "off.csv.gz"} & set(leftovers)
+
+
+def test_named_dataset_downloads_once_then_works_offline(tmp_path, monkeypatch):
+    body = ml_zip_bytes()
+    srv = Server({"ml-1m.zip": body})
+    monkeypatch.setattr(data, "GROUPLENS", srv.url)
+    monkeypatch.setitem(data.MOVIELENS, "ml-1m", hashlib.md5(body).hexdigest())
+    try:
+        ds = data.load_dataset("ml-1m", str(tmp_path), verbose=False, kcore=0)
+    finally:
+        srv.close()
+    assert full_sequences(ds) == EXPECTED_ML and ds.item_text[1] == "A | Drama"
+    ds = data.load_dataset("ml-1m", str(tmp_path), verbose=False, kcore=0)  # server is gone
+    assert ds.stats["interactions"] == 5
+
+
+# --- Bad input: one clear line each ------------------------------------------------------------------
+@pytest.mark.parametrize("args, text, message", [
+    (["--dataset", "no-such-set"], None, "unknown dataset 'no-such-set'"),
+    (["--dataset", "{f}"], "1::2::3::4\n1::x::3::4\n", "line 2"),
+    (["--dataset", "{f}", "--kcore", "50"], "1::2::3::4\n1::3::3::5\n", "no interactions left"),
+    (["--dataset", "{f}", "--split", "time"], "1 2\n1 3\n1 4\n", "no timestamps"),
+    (["--dataset", "{f}", "--min-rating", "4"], "1 2\n1 3\n1 4\n", "no ratings"),
+    (["--dataset", "{f}"], "", "empty"),
+    (["--dataset", "{f}"], "user,rating\n1,5\n", "no item column"),
+    (["--dataset", "{f}"], '{"foo": 1}\n', "line 1: not a review record"),
+    (["--dataset", "{f}"], "1 2 3\n\n1\n", "line 3"),
+    (["--dataset", "{gz}"], None, "cannot read"),
+])
+def test_bad_input_gives_one_clear_line(tmp_path, args, text, message):
+    f = tmp_path / "in.txt"
+    if text is not None:
+        f.write_text(text)
+    gz = tmp_path / "broken.csv.gz"
+    gz.write_bytes(gzip.compress(b"user,item\n1,2\n")[:-10])
+    args = [a.format(f=f, gz=gz) for a in args]
+    with pytest.raises(SystemExit) as e:
+        data.main(args + ["--data-dir", str(tmp_path)])
+    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_offline_named_dataset_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "GROUPLENS", "http://127.0.0.1:9/")  # discard port: nothing listens
+    with pytest.raises(SystemExit) as e:
+        data.main(["--dataset", "ml-100k", "--data-dir", str(tmp_path)])
+    assert "place it at" in str(e.value) and "ml-100k.zip" in str(e.value)
+
+
+def test_cli_stats_json(tmp_path, capsys):
+    data.main(["--dataset", write(tmp_path / "r.dat", ML_RATINGS), "--kcore", "0", "--stats"])
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["users"] == 2 and stats["items"] == 3 and stats["interactions"] == 5
+    assert stats["min_len"] == 2 and stats["max_len"] == 3 and stats["test_cases"] == 1
+
+
+# --- The real ML-1M files, where the shared data folder is present -----------------------------------
+@pytest.mark.skipif(not (SHARED / "sasrec" / "ml-1m.txt").exists(), reason="shared data folder absent")
+def test_raw_ml1m_reproduces_sasrec_order():
+    """Raw ratings.dat (first 2,999 users) -> our parse + stable sort equals SASRec's ml-1m.txt
+    for every user, item for item (through the published id mappings)."""
+    sas = data.load_dataset(str(SHARED / "sasrec" / "ml-1m.txt"), verbose=False)
+    assert (sas.stats["users"], sas.stats["items"], sas.stats["interactions"]) == (6040, 3416, 999611)
+    raw = data.load_dataset(str(SHARED / "raw" / "ml-1m" / "ratings_users0001-2999.dat"),
+                            verbose=False, kcore=0)
+    maps = SHARED / "mappings" / "ml-1m_sas"
+    item_map = dict(np.loadtxt(maps / "sas_to_original_items.txt", dtype=np.int64))
+    user_map = dict(np.loadtxt(maps / "sas_to_original_users.txt", dtype=np.int64))
+    kept = set(item_map.values())
+    raw_seqs, checked = full_sequences(raw), 0
+    for sas_user, seq in full_sequences(sas).items():
+        raw_user = user_map[sas_user]
+        if raw_user in raw_seqs:
+            assert [item_map[i] for i in seq] == [i for i in raw_seqs[raw_user] if i in kept]
+            checked += 1
+    assert checked == 2999
