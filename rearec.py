@@ -1,9 +1,721 @@
-"""Placeholder: rearec.py lands with its own issue."""
+"""ReaRec: latent multi-step reasoning for sequential recommendation, in one file.
+
+Paper: Jiakai Tang, Sunhao Dai, Teng Shi, Jun Xu, Xu Chen, Wen Chen, Wu Jian, Yuning Jiang.
+    "Think Before Recommend: Unleashing the Latent Reasoning Power for Sequential
+    Recommendation". arXiv:2503.22675 (v3, Aug 2025; the equations and tables cited below).
+Official code: https://github.com/TangJiakai/ReaRec (commit 7f46432), compared line by line.
+
+Implements:
+    - a SASRec-style causal Transformer backbone (item + position embeddings, post-LN layers,
+      tied output embeddings, full-softmax cross-entropy over all items) and a BERT4Rec-style
+      bidirectional variant with the paper's prefix mask (--backbone bert4rec)
+    - reasoning (§3.1): K autoregressive steps that feed the last hidden state back as a new
+      input token plus a reasoning position embedding (RPE), with a key/value cache
+    - training of the reasoning at EVERY position of a sequence in one pass (SASRec)
+    - methods: base (K=0), naive (no RPE), rpe, erl (§3.2), prl (§3.3)
+    - per-step metrics and the label-chosen "oracle" step (the paper's Fig. 2 ceiling)
+    - early stopping on validation, atomic checkpoints, --resume, a speed/memory benchmark
+Omits: the text-based backbones (UniSRec, MoRec: LLaMA features, not released).
+
+Run:
+    python rearec.py                                     # synthetic data, PRL, K=2: ~1-3 min on CPU
+    python rearec.py --method base                       # plain SASRec on the same data
+    python rearec.py --dataset ml-1m --device cuda       # ML-1M, downloaded into ./data once
+    python rearec.py --dataset path/to/ml-1m.txt --benchmark   # speed and memory, K=0 vs K=2
+
+Notation (paper -> code):
+    E (item embeddings, tied with the output layer)     item_emb.weight      (N+1, D), row 0 = PAD
+    p_i (absolute position embeddings)                  pos_emb
+    P^R = [p^R_1..p^R_K] (reasoning position emb.)      reason_pos_emb       (K, D)
+    K (reasoning steps)                                 cfg.steps
+    r_0..r_K (reasoning hidden states; r_0 = SASRec)    R[..., k, :]
+    tau, alpha (PRL: tau_k = tau * alpha^(K-k))         cfg.tau, cfg.alpha
+    lambda (ERL KL weight), gamma (PRL noise std)       cfg.kl_weight, cfg.noise
+Shapes: B batch, L history window, P reasoning chains per row (L when training every position,
+    1 at inference), K steps, D hidden, H heads, N items (+1 PAD column at index 0).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
 import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
 
 
+# -----------------------------------------------------------------------------
+# Config
+# -----------------------------------------------------------------------------
+@dataclass
+class Config:
+    # data (data.py documents every preprocessing default)
+    dataset: str = "synthetic"  # synthetic | ml-1m | amazon2023-<Cat>[-time] | ... | a file path
+    data_dir: str = "data"  # download cache
+    split: str | None = None  # loo | time (default: per dataset)
+    min_rating: float | None = None  # implicit-feedback threshold (default: per dataset)
+    kcore: int | None = None  # k-core filter, 0 = off (default: per dataset)
+    max_len: int = 0  # L, items of history read; 0 = auto: 200 if the average sequence is > 100 items (SASRec's ML-1M), else 50 (paper §4.1)
+    mask_history: bool = True  # evaluation: do not rank items already in the history (paper: off)
+    # model
+    method: str = "prl"  # base | naive | rpe | erl | prl (paper §3, §4.3.2 ablations)
+    backbone: str = "sasrec"  # sasrec (causal) | bert4rec (bidirectional items, prefix mask; paper §4.1)
+    steps: int = 2  # K, reasoning steps (paper: best at 2; official: reason_step); base uses 0
+    hidden: int = 64  # D (paper/official: 256; 64 keeps ML-1M practical on a CPU)
+    layers: int = 2  # Transformer layers (official default)
+    heads: int = 2  # attention heads (official default)
+    ffn: int = 256  # feed-forward inner size (official: 300 with D=256)
+    dropout: float = 0.2  # attention and hidden dropout (official: 0.5; SASRec ML-1M: 0.2)
+    emb_dropout: float = 0.2  # dropout on every input token (official: hard-coded 0.2)
+    tau: float = 0.07  # softmax temperature of every CE and of the InfoNCE (official: temperature)
+    # ERL (paper §3.2)
+    kl_weight: float = 0.05  # lambda (official default; paper grid 0.001-0.1, safer <= 0.01)
+    kl_stopgrad: bool = True  # stop-gradient on log p_i in KL(p_j || p_i) (official code)
+    # PRL (paper §3.3)
+    alpha: float = 5.0  # temperature growth per step back (official: temp_scale)
+    noise: float = 0.01  # gamma, std of the Gaussian noise on reasoning inputs (official: noise_factor)
+    pl_weight: float = 1.0  # weight of the progressive CE on steps 0..K-1 (official)
+    cl_weight: float = 1.0  # weight of the reasoning-aware contrastive term (official)
+    warmup: int = 2  # epochs without the contrastive term (official: warmup)
+    prl_sum: bool = False  # paper's sums over steps instead of the official code's means
+    # training
+    epochs: int = 200  # maximum epochs (official: 300)
+    patience: int = 10  # early stopping: epochs without a better validation score (official: 10)
+    select_metric: str = "ndcg@20"  # validation metric for model selection (official: NDCG@20)
+    batch_size: int = 128  # users per batch; every position of a user is a target
+    lr: float = 1e-3  # Adam learning rate (official)
+    weight_decay: float = 0.0  # official l2 = 0
+    grad_clip: float = 0.0  # max gradient norm, 0 = off (official: off)
+    eval_batch_size: int = 512
+    # run
+    device: str = "auto"  # auto | cpu | cuda | cuda:i | mps
+    dtype: str = "float32"  # float32 | bfloat16 (autocast, CUDA only)
+    seed: int = 0  # official: 0
+    out: str = "runs/rearec"  # checkpoints, log and results.json
+    resume: bool = False  # continue from out/last.pt
+    benchmark: bool = False  # measure speed and memory (K=0 vs K=2) instead of training
+    n_items: int = 0  # (derived at runtime)
+
+
+METHODS = ("base", "naive", "rpe", "erl", "prl")
+
+
+def parse_args(argv=None):
+    """argparse generated from the Config fields: --max-len (or --max_len), --no-mask-history..."""
+    p = argparse.ArgumentParser(description="ReaRec (arXiv:2503.22675)")
+    for f in dataclasses.fields(Config):
+        if f.name == "n_items":
+            continue
+        flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        if f.type is bool:
+            p.add_argument(*flags, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction)
+        else:
+            kind = {"int | None": int, "float | None": float, "str | None": str}.get(str(f.type), f.type)
+            p.add_argument(*flags, dest=f.name, default=f.default, type=kind, metavar=f.name.upper(),
+                           help=f"(default: {f.default})")
+    cfg = Config(**vars(p.parse_args(argv)))
+    for ok, message in [
+        (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}"),
+        (cfg.backbone in ("sasrec", "bert4rec"), f"--backbone must be sasrec or bert4rec, not {cfg.backbone!r}"),
+        (cfg.steps >= 0, f"--steps must be >= 0, not {cfg.steps}"),
+        (cfg.hidden > 0 and cfg.hidden % cfg.heads == 0, f"--hidden ({cfg.hidden}) must be a positive multiple of --heads ({cfg.heads})"),
+        (cfg.layers >= 1 and cfg.ffn >= 1, "--layers and --ffn must be >= 1"),
+        (0 <= cfg.dropout < 1 and 0 <= cfg.emb_dropout < 1, "dropouts must be in [0, 1)"),
+        (cfg.tau > 0 and cfg.alpha > 0, "--tau and --alpha must be > 0"),
+        (cfg.noise >= 0 and cfg.kl_weight >= 0, "--noise and --kl-weight must be >= 0"),
+        (cfg.max_len >= 0 and cfg.epochs >= 0 and cfg.batch_size > 0 and cfg.lr > 0, "--max-len, --epochs must be >= 0; --batch-size, --lr > 0"),
+        (cfg.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, not {cfg.dtype!r}"),
+        (cfg.select_metric in [f"{m}@{k}" for m in ("ndcg", "recall", "mrr") for k in data.KS] + ["mrr"],
+         f"--select-metric must be ndcg@k, recall@k or mrr@k with k in {data.KS}, or mrr"),
+    ]:
+        if not ok:
+            sys.exit(f"error: {message}")
+    if cfg.method == "base":
+        cfg.steps = 0  # base = the plain backbone: no reasoning steps
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Utilities (BOILERPLATE; the same few lines are in stream_rec.py, on purpose)
+# -----------------------------------------------------------------------------
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            sys.exit(f"error: --device {name} asked for, but this torch ({torch.__version__}) sees no "
+                     f"CUDA GPU; use --device cpu or auto")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            sys.exit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA device(s) found")
+    elif name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        sys.exit("error: --device mps asked for, but MPS is not available; use --device cpu or auto")
+    elif name not in ("cpu", "mps") and not name.startswith("cuda"):
+        sys.exit(f"error: --device must be auto, cpu, cuda, cuda:i or mps, not {name!r}")
+    return torch.device(name)
+
+
+def save_atomic(obj, path):
+    """torch.save to a temp file, then rename: a crash never leaves a half-written file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Model: SASRec backbone + reasoning with a KV cache (paper §3.1)
+# -----------------------------------------------------------------------------
+def attend(q, k, v, mask, k_own=None, v_own=None, dropout=None):
+    """Scaled dot-product attention over item keys, plus (for reasoning tokens) each chain's own
+    earlier reasoning tokens.
+
+    q (B, H, P, dh); k, v (B, H, L, dh) item keys/values; mask (B or 1, 1, P, L) True = may attend.
+    k_own, v_own (B, H, P, S, dh): the keys/values of chain p's reasoning tokens 1..S (the current
+    token included). Chains never see each other's reasoning tokens. Returns (B, H, P, dh).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, P, L)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if k_own is not None:
+        own = torch.einsum("bhpd,bhpsd->bhps", q, k_own) * scale  # (B, H, P, S)
+        scores = torch.cat([scores, own], dim=-1)  # (B, H, P, L+S)
+    att = torch.softmax(scores, dim=-1)
+    if dropout is not None:
+        att = dropout(att)
+    L = k.shape[2]
+    out = att[..., :L] @ v  # (B, H, P, dh)
+    if k_own is not None:
+        out = out + torch.einsum("bhps,bhpsd->bhpd", att[..., L:], v_own)
+    return out
+
+
+class Layer(nn.Module):
+    """Post-LN Transformer layer, as in the official code (copied there from RecBole's SASRec):
+    x = LN(x + Dropout(W_o MHA(x)));  x = LN(x + Dropout(W_2 GELU(W_1 x)))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden
+        self.heads = cfg.heads
+        self.qkv = nn.Linear(D, 3 * D)
+        self.proj = nn.Linear(D, D)
+        self.ln1 = nn.LayerNorm(D, eps=1e-12)
+        self.ffn = nn.Sequential(nn.Linear(D, cfg.ffn), nn.GELU(), nn.Linear(cfg.ffn, D))
+        self.ln2 = nn.LayerNorm(D, eps=1e-12)
+        self.attn_drop = nn.Dropout(cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def qkv_heads(self, x):
+        """(B, T, D) -> q, k, v, each (B, H, T, dh)."""
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        return [t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v)]
+
+    def finish(self, x, ctx):
+        """Residual + LN around the attention output ctx (B, H, T, dh), then the FFN block."""
+        B, T, D = x.shape
+        ctx = ctx.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        x = self.ln1(x + self.drop(self.proj(ctx)))
+        return self.ln2(x + self.drop(self.ffn(x)))
+
+
+class ReaRec(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D, K = cfg.hidden, cfg.steps
+        self.item_emb = nn.Embedding(cfg.n_items + 1, D)  # row 0 = PAD; tied with the output layer
+        self.pos_emb = nn.Embedding(cfg.max_len, D)  # position 0 = the OLDEST item in the window
+        # ALGO LOGIC: reasoning position embeddings P^R (paper §3.1, Eq. 5). A separate table,
+        # not more rows of pos_emb: reasoning token k is not "the item at position L+k", it
+        # marks which step of thinking this is, and the same k follows every history length.
+        # The naive ablation feeds r_{k-1} back with no such marker (paper §4.3.2).
+        self.reason_pos_emb = nn.Embedding(K, D) if K > 0 and cfg.method != "naive" else None
+        self.in_ln = nn.LayerNorm(D, eps=1e-12)  # applied to EVERY input token (official wrapper)
+        self.in_drop = nn.Dropout(cfg.emb_dropout)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
+        self.attn_drop = self.layers[0].attn_drop
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        # Official init: N(0, 0.02) for Linear and Embedding weights, zero biases. Small item
+        # embeddings matter with a tied output layer (N(0, 1) makes the first logits huge).
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def encode(self, items, cut=None):
+        """Encode the items once and keep every layer's keys/values (the KV cache).
+
+        items (B, L) left-padded. cut (B,) bert4rec only: the last item position each row may use.
+        Returns h (B, L, D) final-layer item states, cache [(k, v) (B, H, L, dh)] per layer, and
+        key_ok (B, 1, 1, L): which item keys exist (not padding, not beyond the cut).
+        """
+        B, L = items.shape
+        not_pad = items != data.PAD  # (B, L)
+        pos = (not_pad.cumsum(1) - 1).clamp(min=0)  # oldest item = 0 (official); pads masked below
+        x = self.in_drop(self.in_ln(self.item_emb(items) + self.pos_emb(pos)))  # Eq. 2 (B, L, D)
+        key_ok = not_pad
+        if cut is not None:
+            key_ok = key_ok & (torch.arange(L, device=items.device) <= cut[:, None])
+        key_ok = key_ok[:, None, None, :]  # (B, 1, 1, L)
+        eye = torch.eye(L, dtype=torch.bool, device=items.device)
+        if self.cfg.backbone == "sasrec":  # causal: item t sees items <= t
+            mask = key_ok & torch.tril(torch.ones(L, L, dtype=torch.bool, device=items.device))
+        else:  # bert4rec: items see each other both ways (within the prefix)
+            mask = key_ok.expand(B, 1, L, L)
+        mask = mask | eye  # padding queries see themselves only: no all-masked row, no NaN
+        cache = []
+        for layer in self.layers:
+            q, k, v = layer.qkv_heads(x)  # (B, H, L, dh) each
+            cache.append((k, v))
+            x = layer.finish(x, attend(q, k, v, mask, dropout=layer.attn_drop))
+        return x, cache, key_ok
+
+    def reason(self, cache, key_ok, chain_pos, r0, steps, feed=None, noise=0.0):
+        """ALGO LOGIC: K autoregressive reasoning steps (paper §3.1, Eq. 5-6) with a KV cache.
+
+        Chain p of row b starts from r0[b, p], the final state of the item at position
+        chain_pos[b, p], and reasons as if the sequence ended there: its tokens attend to the items
+        at positions <= chain_pos (causal SASRec; bert4rec: the whole prefix) and to the chain's
+        own earlier reasoning tokens (paper: "reasoning tokens attend causally"), never to other
+        chains. One step costs ONE new token per chain; item keys/values come from the cache.
+
+        Step k: input h^0 = r_{k-1} + p^R_k  (-> LN -> dropout, like every input token)
+                r_k = final-layer output at the new token.
+        feed (B, P, K, D): build the inputs from these states instead of the chain's own (PRL's
+            noisy view follows the clean chain: official code); noise: std of N(0, noise^2) added
+            to each input before the LN (PRL, paper §3.3).
+        chain_pos (B or 1, P). Returns R = [r_0 .. r_K] (B, P, K+1, D).
+        """
+        L = key_ok.shape[-1]
+        # chain p may read item keys at positions <= its own position (and that exist)
+        chain_mask = key_ok & (torch.arange(L, device=r0.device) <= chain_pos[..., None])[:, None]  # (B, 1, P, L)
+        states, r = [r0], r0
+        own = [([], []) for _ in self.layers]  # per layer: this chain's reasoning keys, values
+        for k in range(1, steps + 1):
+            z = (feed[:, :, k - 1] if feed is not None else r)  # (B, P, D)
+            if self.reason_pos_emb is not None:
+                z = z + self.reason_pos_emb.weight[k - 1]  # + p^R_k
+            if noise > 0:
+                z = z + noise * torch.randn_like(z)  # Paper §3.3: h~ = h + eps
+            x = self.in_drop(self.in_ln(z))  # (B, P, D)
+            for (k_item, v_item), layer, (ks, vs) in zip(cache, self.layers, own):
+                q, k_new, v_new = layer.qkv_heads(x)  # (B, H, P, dh)
+                ks.append(k_new)
+                vs.append(v_new)
+                ctx = attend(q, k_item, v_item, chain_mask, torch.stack(ks, 3), torch.stack(vs, 3),
+                             dropout=layer.attn_drop)
+                x = layer.finish(x, ctx)
+            r = x
+            states.append(r)
+        return torch.stack(states, dim=2)  # (B, P, K+1, D)
+
+    def forward(self, items):
+        """Inference: reason after the last item. items (B, L) -> R (B, K+1, D)."""
+        h, cache, key_ok = self.encode(items)
+        last = torch.full((1, 1), items.shape[1] - 1, device=items.device)
+        return self.reason(cache, key_ok, last, h[:, -1:], self.cfg.steps)[:, 0]
+
+    def user_state(self, R):
+        """The representation that ranks items: the mean over steps for ERL (paper §3.2), r_K for
+        every other method (PRL: "inference uses the last step", paper §3.3)."""
+        return R.mean(dim=-2) if self.cfg.method == "erl" else R[..., -1, :]
+
+
+# -----------------------------------------------------------------------------
+# Losses (paper §3.2 ERL, §3.3 PRL)
+# -----------------------------------------------------------------------------
+def item_logits(states, item_emb, tau):
+    """states (..., D) -> logits over the N real items (..., N); column j is item j+1.
+    Paper Eq. 3: y = softmax(h E^T). The PAD row is no candidate (Deviation: the official code
+    keeps it in the training softmax; it can never be a target, so this only removes noise)."""
+    return states @ item_emb[1:].T / tau
+
+
+def ce_loss(R, target, item_emb, tau):
+    """Next-item cross-entropy of one state per case (base/naive/rpe). R (V, D), target (V,)."""
+    return F.cross_entropy(item_logits(R, item_emb, tau), target - 1)
+
+
+def erl_loss(R, target, item_emb, cfg):
+    """ERL objective, ReaRec §3.2 (v3 and the official code).
+
+    h_u = mean_k r_k over the K+1 states;  L_rec = CE(softmax(h_u E^T / tau), target)
+    p_k = softmax(r_k E^T / tau);  KL_ij = KL(p_j || sg(p_i)) = sum_n p_j (log p_j - sg(log p_i))
+    L = L_rec - lambda * mean over the (K+1)K ordered pairs i != j and the batch of KL_ij
+    The minus sign MAXIMISES the disagreement between steps (diversity); the stop-gradient keeps
+    each p_i a fixed reference while p_j moves away from it. Official code: ordered pairs and a
+    mean; the paper writes a sum over i < j. K = 0 has no pairs: the KL term is 0, not NaN.
+    R (V, K+1, D), target (V,). Returns (loss, {"ce": .., "kl": ..}).
+    """
+    rec = F.cross_entropy(item_logits(R.mean(dim=1), item_emb, tau=cfg.tau), target - 1)
+    S = R.shape[1]
+    if S < 2:
+        return rec, {"ce": rec.detach(), "kl": torch.zeros(())}
+    logits = item_logits(R, item_emb, cfg.tau)  # (V, S, N)
+    log_p = F.log_softmax(logits, dim=-1)  # (V, S, N)
+    p = log_p.exp()
+    log_p_ref = log_p.detach() if cfg.kl_stopgrad else log_p
+    # kl[v, i, j] = sum_n p_j log p_j - sum_n p_j log p_i, without a (V, S, S, N) tensor
+    neg_entropy = (p * log_p).sum(-1)  # (V, S)
+    cross = torch.einsum("vjn,vin->vij", p, log_p_ref)  # (V, S, S)
+    kl = neg_entropy[:, None, :] - cross  # (V, S, S)
+    off_diagonal = ~torch.eye(S, dtype=torch.bool, device=R.device)
+    kl = kl[:, off_diagonal].mean()
+    return rec - cfg.kl_weight * kl, {"ce": rec.detach(), "kl": kl.detach()}
+
+
+def prl_loss(R, views, target, item_emb, cfg, use_cl):
+    """PRL objective, ReaRec §3.3 (official code's form; --prl-sum gives the paper's sums).
+
+    Progressive temperature annealing: tau_k = tau * alpha^(K-k), k = 0..K. Early steps see a
+    smoother distribution (alpha > 1), the last one the base tau: the reasoning sharpens step by
+    step instead of every step copying the previous one (alpha = 1 collapses, paper §4.4).
+        CE_K = CE(r_K E^T / tau);  PL = mean_{k<K} CE(r_k E^T / tau_k)
+    Reasoning-aware contrastive learning: the noisy chain's r~_k must pick out its own clean r_k
+    among the other sequences' r_k in the batch (InfoNCE, dot product / tau), k = 1..K:
+        CL = mean_k mean_b -log softmax_b'(r~_k[b] . r_k[b'] / tau)[b]
+    loss = CE_K + pl_weight * PL + cl_weight * CL. CL = 0 during the warm-up epochs (the official
+    code crashes there with an undefined variable).
+    R (V, K+1, D) clean states at the supervised positions; views {"clean", "noisy"}: (C, K+1, D)
+    states of C contrastive chains (one per sequence) and their noisy re-runs. Returns (loss, terms).
+    """
+    K = R.shape[1] - 1
+    ce_K = F.cross_entropy(item_logits(R[:, K], item_emb, cfg.tau), target - 1)
+    terms = {"ce": ce_K.detach()}
+    loss = ce_K
+    if K > 0:
+        taus = cfg.tau * cfg.alpha ** torch.arange(K, 0, -1, device=R.device, dtype=R.dtype)  # (K,) tau_0..tau_{K-1}
+        logits = item_logits(R[:, :K], item_emb, 1.0) / taus[:, None]  # (V, K, N)
+        pl = F.cross_entropy(logits.flatten(0, 1), (target - 1).repeat_interleave(K),
+                             reduction="sum" if cfg.prl_sum else "mean")
+        pl = pl / len(target) if cfg.prl_sum else pl  # sum over steps, mean over cases
+        loss = loss + cfg.pl_weight * pl
+        terms["pl"] = pl.detach()
+    if K > 0 and use_cl:
+        clean, noisy = views["clean"][:, 1:], views["noisy"][:, 1:]  # (C, K, D) each
+        sim = torch.einsum("ckd,jkd->kcj", noisy, clean) / cfg.tau  # (K, C, C) anchor c vs clean j
+        labels = torch.arange(sim.shape[1], device=R.device).repeat(K)
+        cl = F.cross_entropy(sim.flatten(0, 1), labels, reduction="sum" if cfg.prl_sum else "mean")
+        cl = cl / sim.shape[1] if cfg.prl_sum else cl
+        loss = loss + cfg.cl_weight * cl
+        terms["cl"] = cl.detach()
+    return loss, terms
+
+
+def compute_loss(model, inputs, targets, cfg, epoch):
+    """One training batch -> (loss, {term: value}, number of supervised positions).
+
+    SASRec: every position of every row is a case (the reasoning chain of position t reads
+    items <= t), so one pass trains on all (prefix -> next item) pairs of a user.
+    bert4rec: bidirectional item states would see the future, so each row contributes ONE case
+    per epoch: a random prefix, encoded with keys beyond it masked (paper's prefix mask).
+    """
+    B, L = inputs.shape
+    valid = targets != data.PAD  # (B, L)
+    K = cfg.steps
+    if cfg.backbone == "sasrec":
+        h, cache, key_ok = model.encode(inputs)
+        chain_pos = torch.arange(L, device=inputs.device)[None, :]  # (1, L): one chain per position
+        R = model.reason(cache, key_ok, chain_pos, h, K)  # (B, L, K+1, D)
+        R_cases, target = R[valid], targets[valid]  # (V, K+1, D), (V,)
+        # one contrastive chain per row, at a random supervised position (other rows = negatives)
+        cl_pos = torch.multinomial(valid.float(), 1)  # (B, 1)
+        R_cl = R.gather(1, cl_pos[:, :, None, None].expand(B, 1, K + 1, R.shape[-1]))[:, 0]
+    else:
+        cut = torch.multinomial(valid.float(), 1)  # (B, 1) the prefix each row trains on
+        h, cache, key_ok = model.encode(inputs, cut[:, 0])
+        R_cl = model.reason(cache, key_ok, cut, h.gather(1, cut[:, :, None].expand(B, 1, h.shape[-1])), K)[:, 0]
+        R_cases, target = R_cl, targets.gather(1, cut)[:, 0]  # (B, K+1, D), (B,)
+        cl_pos = cut
+    E = model.item_emb.weight
+    if cfg.method == "erl":
+        loss, terms = erl_loss(R_cases, target, E, cfg)
+    elif cfg.method == "prl":
+        use_cl = epoch > cfg.warmup and cfg.cl_weight > 0 and K > 0
+        views = None
+        if use_cl:  # the noisy chain re-reasons from the clean inputs + noise, same item cache
+            feed = R_cl[:, None, :K]  # (B, 1, K, D) clean r_0..r_{K-1}
+            noisy = model.reason(cache, key_ok, cl_pos, R_cl[:, None, 0], K, feed=feed, noise=cfg.noise)
+            views = {"clean": R_cl, "noisy": noisy[:, 0]}
+        loss, terms = prl_loss(R_cases, views, target, E, cfg, use_cl)
+    else:  # base, naive, rpe: CE on the last state r_K (r_0 when K = 0)
+        loss = ce_loss(R_cases[:, -1], target, E, cfg.tau)
+        terms = {"ce": loss.detach()}
+    return loss, terms, len(target)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation (the shared full-ranking protocol of data.py)
+# -----------------------------------------------------------------------------
+def evaluate(model, split, cfg, device, analysis=False):
+    """Full-ranking metrics of the model's recommendation state (ERL: mean, else r_K).
+
+    analysis=True adds one view per reasoning step r_0..r_K and the "oracle": per case the step
+    that ranks the target best, chosen with the label (paper §4.2, Fig. 2: the ceiling an ideal
+    step selector could reach). Returns {metric: v} or {"main"/"step0".../"oracle": {metric: v}}.
+    """
+    model.eval()
+    E = model.item_emb.weight
+
+    def score_fn(hist):  # hist (B, L)
+        with autocast(cfg, device):
+            R = model(hist)  # (B, K+1, D)
+        R = R.float()
+        main = model.user_state(R) @ E.T  # (B, N+1); tau does not change a ranking
+        if not analysis:
+            return main
+        return {"main": main} | {f"step{k}": R[:, k] @ E.T for k in range(R.shape[1])}
+
+    steps = [f"step{k}" for k in range(cfg.steps + 1)] if analysis else None
+    res = data.evaluate(score_fn, split, cfg.max_len, device=device, batch_size=cfg.eval_batch_size,
+                        mask_history=cfg.mask_history, oracle_of=steps)
+    model.train()
+    return res
+
+
+def autocast(cfg, device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+
+
+def fmt(metrics, keys=("ndcg@10", "recall@10", "ndcg@20", "recall@20")):
+    return " ".join(f"{k} {metrics[k]:.4f}" for k in keys)
+
+
+# -----------------------------------------------------------------------------
+# Training (paper §4.1: Adam, full-softmax CE, early stopping on validation)
+# -----------------------------------------------------------------------------
+class NonFiniteLoss(Exception):
+    pass
+
+
+# Fields that may differ between a run and its --resume (everything else must match).
+RUN_ONLY = {"epochs", "patience", "resume", "device", "out", "benchmark", "eval_batch_size", "data_dir"}
+
+
+def train(cfg, model, ds, device):
+    """Train with early stopping on validation `select_metric`; keep best.pt and last.pt.
+
+    Returns a summary dict. Ctrl-C stops after saving; training continues with --resume.
+    """
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best_path, last_path = os.path.join(cfg.out, "best.pt"), os.path.join(cfg.out, "last.pt")
+    state = dict(epoch=0, best=-1.0, best_epoch=0, bad_epochs=0, history=[], train_seconds=0.0)
+    if cfg.resume:
+        if not os.path.exists(last_path):
+            sys.exit(f"error: --resume: no checkpoint at {last_path}; run once without --resume")
+        ck = torch.load(last_path, map_location=device, weights_only=False)
+        diff = {k: (ck["config"].get(k), v) for k, v in dataclasses.asdict(cfg).items()
+                if k not in RUN_ONLY and ck["config"].get(k) != v}
+        if diff:
+            sys.exit(f"error: --resume: {last_path} was trained with other settings "
+                     f"{ {k: old for k, (old, new) in diff.items()} }; pass the same flags or a new --out")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"])
+        state = ck["state"]
+        print(f"resumed from {last_path} after epoch {state['epoch']}")
+    n_rows = int((ds.train.lengths() >= 2).sum())
+    interrupted = False
+    try:
+        while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+            epoch = state["epoch"] + 1
+            model.train()
+            t0, sums, count = time.time(), {}, 0
+            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # same order on resume
+            for step, (inputs, targets) in enumerate(data.train_batches(
+                    ds.train, cfg.max_len, cfg.batch_size, device=device, generator=gen)):
+                with autocast(cfg, device):
+                    loss, terms, n = compute_loss(model, inputs, targets, cfg, epoch)
+                if not torch.isfinite(loss):
+                    hint = ("ERL maximises the KL between steps and can diverge: lower --kl-weight "
+                            "(e.g. 0.005) or --lr" if cfg.method == "erl" else "lower --lr or raise --tau")
+                    raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, batch {step + 1} "
+                                        f"({ {k: float(v) for k, v in terms.items()} }); {hint}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                for k, v in {"loss": loss.detach(), **terms}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * n
+                count += n
+            train_time = time.time() - t0
+            t1 = time.time()
+            valid = evaluate(model, ds.valid, cfg, device)
+            eval_time = time.time() - t1
+            score = valid[cfg.select_metric]
+            state["epoch"], state["train_seconds"] = epoch, state["train_seconds"] + train_time
+            if score > state["best"]:
+                state.update(best=score, best_epoch=epoch, bad_epochs=0)
+                save_atomic({"model": model.state_dict(), "config": dataclasses.asdict(cfg),
+                             "epoch": epoch, "valid": valid}, best_path)
+            else:
+                state["bad_epochs"] += 1
+            losses = {k: v / max(count, 1) for k, v in sums.items()}
+            state["history"].append({"epoch": epoch, **losses, **{f"valid_{k}": v for k, v in valid.items()},
+                                     "train_seconds": train_time, "eval_seconds": eval_time})
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "config": dataclasses.asdict(cfg), "state": state,
+                         "rng": torch.get_rng_state()}, last_path)
+            eta = (cfg.epochs - epoch) * (state["train_seconds"] + eval_time * epoch) / epoch
+            terms_txt = " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "loss")
+            print(f"ep {epoch:3d} | loss {losses.get('loss', 0):.4f} ({terms_txt}) | valid {fmt(valid)} | "
+                  f"{n_rows / train_time:,.0f} seq/s, {count / train_time:,.0f} targets/s | "
+                  f"train {train_time:.1f}s eval {eval_time:.1f}s | best {state['best']:.4f} @ep"
+                  f"{state['best_epoch']}{' *' if state['bad_epochs'] == 0 else ''} | eta <= {eta / 60:.1f} min",
+                  flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"\ninterrupted after epoch {state['epoch']}: {last_path} holds it; continue with --resume")
+    return state | {"interrupted": interrupted, "best_path": best_path}
+
+
+# -----------------------------------------------------------------------------
+# Benchmark: training throughput, evaluation time, peak memory (not a test)
+# -----------------------------------------------------------------------------
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def benchmark(cfg, ds, device):
+    """One training epoch for K=0 (base) and K=2 (rpe, erl, prl with its contrastive term on),
+    then full-ranking evaluation of the test split for K=0..3 (untrained weights: the cost does
+    not depend on them). Prints a table and writes out/benchmark.json."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows, res = [], {"train": [], "eval": [], "device": str(device), "torch": torch.__version__,
+                     "threads": torch.get_num_threads(), "dataset": ds.stats}
+    for method, K in [("base", 0), ("rpe", 2), ("erl", 2), ("prl", 2)]:
+        c = dataclasses.replace(cfg, method=method, steps=K)
+        set_seed(cfg.seed)
+        model = ReaRec(c).to(device)
+        opt = torch.optim.Adam(model.parameters(), lr=c.lr)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0, seqs, targets_seen = time.time(), 0, 0
+        for inputs, targets in data.train_batches(ds.train, c.max_len, c.batch_size, device=device,
+                                                  generator=torch.Generator().manual_seed(0)):
+            with autocast(c, device):
+                loss, _, n = compute_loss(model, inputs, targets, c, epoch=c.warmup + 1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seqs, targets_seen = seqs + len(inputs), targets_seen + n
+        sync()
+        dt = time.time() - t0
+        gpu = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        res["train"].append(dict(method=method, K=K, epoch_seconds=dt, seqs_per_s=seqs / dt,
+                                 targets_per_s=targets_seen / dt, peak_rss_gb=peak_rss_gb(), gpu_gb=gpu))
+        print(f"train {method:4s} K={K}: epoch {dt:7.1f} s | {seqs / dt:8.1f} seq/s | "
+              f"{targets_seen / dt:9.0f} targets/s | peak RSS {peak_rss_gb():.2f} GB"
+              + (f" | GPU {gpu:.2f} GB" if gpu else ""), flush=True)
+    for K in range(4):
+        c = dataclasses.replace(cfg, method="prl" if K else "base", steps=K)
+        set_seed(cfg.seed)
+        model = ReaRec(c).to(device)
+        evaluate(model, ds.test, c, device)  # warm-up
+        sync()
+        t0 = time.time()
+        evaluate(model, ds.test, c, device)
+        sync()
+        main_s = time.time() - t0
+        t0 = time.time()
+        evaluate(model, ds.test, c, device, analysis=True)
+        full_s = time.time() - t0
+        res["eval"].append(dict(K=K, seconds=main_s, with_per_step_and_oracle_seconds=full_s))
+        print(f"eval K={K}: {main_s:6.2f} s ({main_s / res['eval'][0]['seconds']:.2f}x K=0) | with "
+              f"per-step + oracle views {full_s:6.2f} s | {len(ds.test)} cases", flush=True)
+    base = res["train"][0]["epoch_seconds"]
+    for r in res["train"][1:]:
+        print(f"epoch time {r['method']} K=2 / base K=0: {r['epoch_seconds'] / base:.2f}x")
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "benchmark.json.tmp"), "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(os.path.join(cfg.out, "benchmark.json.tmp"), os.path.join(cfg.out, "benchmark.json"))
+    return res
+
+
+# -----------------------------------------------------------------------------
+# Main
+# -----------------------------------------------------------------------------
 def main(argv=None):
-    sys.exit("rearec.py: not implemented yet")
+    cfg = parse_args(argv)
+    device = pick_device(cfg.device)
+    if cfg.dtype == "bfloat16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        sys.exit("error: --dtype bfloat16 needs a CUDA GPU with bf16 support; use --dtype float32")
+    set_seed(cfg.seed)
+    print(f"rearec | torch {torch.__version__} | device {device} | dtype {cfg.dtype} | "
+          f"threads {torch.get_num_threads()}")
+    try:
+        ds = data.load_dataset(cfg.dataset, cfg.data_dir, split=cfg.split, min_rating=cfg.min_rating,
+                               kcore=cfg.kcore)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    cfg.n_items = ds.n_items
+    if cfg.max_len == 0:
+        cfg.max_len = 200 if ds.stats["avg_len"] > 100 else 50
+        print(f"max_len auto -> {cfg.max_len} (average sequence {ds.stats['avg_len']} items; "
+              f"200 for long MovieLens-like sequences as SASRec, 50 otherwise as ReaRec)")
+    print("config", json.dumps(dataclasses.asdict(cfg)))
+    mask = "history masked" if cfg.mask_history else "history not masked"
+    print(f"protocol: full ranking over {ds.n_items} items, {mask}, ties pessimistic-free "
+          f"(expected rank), select on valid {cfg.select_metric}")
+    if cfg.benchmark:
+        return benchmark(cfg, ds, device)
+    os.makedirs(cfg.out, exist_ok=True)
+    model = ReaRec(cfg).to(device)
+    print(f"{cfg.method} | K={cfg.steps} | {sum(p.numel() for p in model.parameters()):,} parameters")
+    try:
+        info = train(cfg, model, ds, device)
+        if os.path.exists(info["best_path"]):  # reload the best validation checkpoint
+            model.load_state_dict(torch.load(info["best_path"], map_location=device, weights_only=False)["model"])
+        t0 = time.time()
+        valid = evaluate(model, ds.valid, cfg, device, analysis=True)
+        test = evaluate(model, ds.test, cfg, device, analysis=True)
+        eval_seconds = time.time() - t0
+    except (NonFiniteLoss, data.DataError) as e:
+        sys.exit(f"error: {e}")
+    steps = {k: v for k, v in test.items() if k.startswith("step")}
+    results = {"config": dataclasses.asdict(cfg), "dataset": ds.stats, "valid": valid["main"],
+               "test": test["main"], "per_step": steps, "oracle": test["oracle"],
+               "valid_per_step": {k: v for k, v in valid.items() if k.startswith("step")},
+               "valid_oracle": valid["oracle"], "epochs": info["epoch"], "best_epoch": info["best_epoch"],
+               "train_seconds": info["train_seconds"], "eval_seconds": eval_seconds,
+               "interrupted": info["interrupted"], "history": info["history"],
+               "device": str(device), "torch": torch.__version__}
+    print(f"valid (best epoch {info['best_epoch']}) | {fmt(valid['main'])}")
+    print(f"test | {fmt(test['main'])} | {mask}")
+    for name, m in list(steps.items()) + [("oracle", test["oracle"])]:
+        print(f"test {name:6s} | {fmt(m)}")
+    path = os.path.join(cfg.out, "results.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+    return results
 
 
 if __name__ == "__main__":

@@ -453,6 +453,280 @@ def test_raw_ml1m_reproduces_sasrec_order():
 # rearec.py
 # =============================================================================
 
+import rearec  # noqa: E402
+
+
+def tiny_rearec(method="rpe", steps=2, backbone="sasrec", max_len=8, n_items=12, **kw):
+    cfg = rearec.parse_args(["--method", method, "--steps", str(steps), "--backbone", backbone,
+                             "--hidden", "16", "--heads", "2", "--ffn", "24", "--max-len", str(max_len)]
+                            + [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))])
+    cfg.n_items = n_items
+    torch.manual_seed(0)
+    model = rearec.ReaRec(cfg)
+    for p in model.parameters():  # larger weights than the N(0, 0.02) init: differences show up
+        p.data.normal_(0, 0.3)
+    return model.eval()
+
+
+def reference_states(model, items, K, bidirectional=False):
+    """The paper's reasoning written literally, with no cache and no batching (§3.1): the token
+    sequence grows by one reasoning token per step, r_{k-1} + p^R_k, and the whole Transformer
+    runs again over all tokens. Only the model's weights are shared with the code under test.
+    items: the item ids of ONE prefix, oldest first, no padding. Returns (K+1, D)."""
+    D, H = model.cfg.hidden, model.cfg.heads
+    n = len(items)
+    tokens = model.item_emb.weight[torch.tensor(items)] + model.pos_emb.weight[:n]  # (n, D)
+    states = []
+    for k in range(K + 1):
+        x = model.in_ln(tokens)
+        T = x.shape[0]
+        allowed = torch.ones(T, T).tril().bool()
+        if bidirectional:
+            allowed[:n, :n] = True  # prefix mask: items both ways, reasoning tokens causal
+        for layer in model.layers:
+            q, kk, v = [t.view(T, H, D // H).transpose(0, 1) for t in layer.qkv(x).split(D, -1)]
+            att = (q @ kk.transpose(1, 2) / math.sqrt(D // H)).masked_fill(~allowed, float("-inf"))
+            ctx = (att.softmax(-1) @ v).transpose(0, 1).reshape(T, D)
+            x = layer.ln1(x + layer.proj(ctx))
+            x = layer.ln2(x + layer.ffn(x))
+        states.append(x[-1])
+        if k < K:
+            rpe = model.reason_pos_emb.weight[k] if model.reason_pos_emb is not None else 0
+            tokens = torch.cat([tokens, (x[-1] + rpe)[None]])
+    return torch.stack(states)
+
+
+SEQ = [3, 7, 1, 12, 5, 9]
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+@pytest.mark.parametrize("method, K", [("base", 0), ("naive", 2), ("rpe", 1), ("prl", 3)])
+def test_cached_reasoning_equals_reencoding(backbone, method, K):
+    model = tiny_rearec(method, K, backbone)
+    items = torch.tensor([[0, 0] + SEQ])  # left-padded to max_len 8
+    with torch.no_grad():
+        R = model(items)[0]  # (K+1, D), KV cache
+        ref = reference_states(model, SEQ, K, bidirectional=backbone == "bert4rec")
+    assert R.shape == (K + 1, 16)
+    torch.testing.assert_close(R, ref, atol=1e-5, rtol=1e-4)
+    if K == 0:  # the plain backbone: r_0 is the last item's output
+        torch.testing.assert_close(R[0], model.encode(items)[0][0, -1])
+
+
+@pytest.mark.parametrize("K", [0, 2])
+def test_every_position_pass_equals_each_prefix_alone(K):
+    """Training reads all positions in one pass; position t must reason exactly as if the
+    sequence ended at t (items <= t, its own reasoning tokens only)."""
+    model = tiny_rearec("rpe", K)
+    items = torch.tensor([[0, 0] + SEQ])
+    with torch.no_grad():
+        h, cache, key_ok = model.encode(items)
+        R = model.reason(cache, key_ok, torch.arange(8)[None], h, K)[0]  # (L, K+1, D)
+        for t in range(2, 8):
+            torch.testing.assert_close(R[t], reference_states(model, SEQ[:t - 1], K), atol=1e-5, rtol=1e-4)
+
+
+def test_bert4rec_prefix_cut_equals_reencoding_the_prefix():
+    model = tiny_rearec("prl", 2, "bert4rec")
+    items = torch.tensor([[0, 0] + SEQ, [0] + SEQ + [4]])
+    cut = torch.tensor([[4], [5]])  # row 0 trains on SEQ[:3], row 1 on SEQ[:5]
+    with torch.no_grad():
+        h, cache, key_ok = model.encode(items, cut[:, 0])
+        R = model.reason(cache, key_ok, cut, h.gather(1, cut[:, :, None].expand(2, 1, 16)), 2)[:, 0]
+    torch.testing.assert_close(R[0], reference_states(model, SEQ[:3], 2, True), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(R[1], reference_states(model, SEQ[:5], 2, True), atol=1e-5, rtol=1e-4)
+
+
+def test_causality_and_padding_invariance():
+    model = tiny_rearec("prl", 2, max_len=10)
+    a = torch.tensor([[0, 0, 0, 0] + SEQ])
+    b = a.clone()
+    b[0, -2:] = torch.tensor([2, 11])  # change the two newest items
+    def every_position(items):
+        h, cache, key_ok = model.encode(items)
+        return model.reason(cache, key_ok, torch.arange(items.shape[1])[None], h, 2)
+
+    with torch.no_grad():
+        ra, rb = every_position(a), every_position(b)
+        assert torch.equal(ra[:, :8], rb[:, :8]) and not torch.allclose(ra[:, 8:], rb[:, 8:])
+        # more left padding (a longer window) changes nothing
+        torch.testing.assert_close(model(a), model(torch.tensor([[0] * 4 + SEQ])[:, -10:]))
+        torch.testing.assert_close(model(torch.tensor([SEQ[2:]])), model(torch.tensor([[0, 0] + SEQ[2:]])))
+
+
+def test_reasoning_position_embeddings_are_their_own_table():
+    rpe, naive = tiny_rearec("rpe", 3), tiny_rearec("naive", 3)
+    assert rpe.reason_pos_emb.weight.shape == (3, 16) and rpe.pos_emb.weight.shape == (8, 16)
+    assert naive.reason_pos_emb is None  # the naive ablation feeds r_{k-1} back unchanged
+    assert tiny_rearec("base", 0).reason_pos_emb is None
+
+
+def test_erl_loss_against_a_slow_loop():
+    torch.manual_seed(1)
+    cfg = rearec.parse_args(["--method", "erl", "--kl-weight", "0.3", "--tau", "0.5"])
+    V, S, D, N = 3, 3, 4, 5
+    R = torch.randn(V, S, D, requires_grad=True)
+    E = torch.randn(N + 1, D)
+    target = torch.tensor([1, 5, 2])
+    loss, terms = rearec.erl_loss(R, target, E, cfg)
+    # slow restatement: CE on the mean state; KL(p_j || p_i) over ordered pairs, p_i a constant
+    R2 = R.detach().clone().requires_grad_()
+    rec, kl, pairs = 0.0, 0.0, 0
+    for v in range(V):
+        logits = R2[v].mean(0) @ E[1:].T / 0.5
+        rec = rec - torch.log_softmax(logits, 0)[target[v] - 1] / V
+        for i in range(S):
+            for j in range(S):
+                if i != j:
+                    p_j = torch.softmax(R2[v, j] @ E[1:].T / 0.5, 0)
+                    log_p_i = torch.log_softmax(R2[v, i] @ E[1:].T / 0.5, 0).detach()
+                    kl = kl + (p_j * (p_j.log() - log_p_i)).sum()
+                    pairs += 1
+    slow = rec - 0.3 * kl / pairs
+    assert loss.item() == pytest.approx(slow.item(), abs=1e-5)
+    assert terms["kl"].item() == pytest.approx((kl / pairs).item(), abs=1e-5) and terms["kl"] > 0
+    loss.backward()
+    slow.backward()
+    torch.testing.assert_close(R.grad, R2.grad, atol=1e-5, rtol=1e-4)
+    # K = 0: no pairs, the KL term is 0 (the official code returns NaN)
+    loss0, terms0 = rearec.erl_loss(R[:, :1], target, E, cfg)
+    assert torch.isfinite(loss0) and terms0["kl"] == 0
+
+
+@pytest.mark.parametrize("paper_sums", [False, True])
+def test_prl_loss_against_a_slow_loop(paper_sums):
+    torch.manual_seed(2)
+    args = ["--method", "prl", "--tau", "0.2", "--alpha", "3", "--pl-weight", "0.7", "--cl-weight", "0.4"]
+    cfg = rearec.parse_args(args + (["--prl-sum"] if paper_sums else []))
+    V, K, D, N, C = 4, 2, 3, 6, 3
+    R = torch.randn(V, K + 1, D)
+    E = torch.randn(N + 1, D)
+    target = torch.tensor([6, 1, 3, 3])
+    views = {"clean": torch.randn(C, K + 1, D), "noisy": torch.randn(C, K + 1, D)}
+    loss, terms = rearec.prl_loss(R, views, target, E, cfg, use_cl=True)
+    taus = [0.2 * 3 ** (K - k) for k in range(K + 1)]  # tau_k = tau * alpha^(K-k)
+    assert taus == pytest.approx([1.8, 0.6, 0.2])
+
+    def ce(state, t, tau):
+        return -torch.log_softmax(state @ E[1:].T / tau, 0)[t - 1]
+
+    ce_K = sum(ce(R[v, K], target[v], taus[K]) for v in range(V)) / V
+    per_step = [sum(ce(R[v, k], target[v], taus[k]) for v in range(V)) / V for k in range(K)]
+    pl = sum(per_step) / (1 if paper_sums else K)
+    cl_steps = []
+    for k in range(1, K + 1):  # InfoNCE: noisy anchor c vs every clean state of step k
+        total = 0.0
+        for c in range(C):
+            sims = torch.stack([views["noisy"][c, k] @ views["clean"][j, k] / 0.2 for j in range(C)])
+            total = total - torch.log_softmax(sims, 0)[c]
+        cl_steps.append(total / C)
+    cl = sum(cl_steps) / (1 if paper_sums else K)
+    assert loss.item() == pytest.approx((ce_K + 0.7 * pl + 0.4 * cl).item(), abs=1e-5)
+    assert terms["pl"].item() == pytest.approx(pl.item(), abs=1e-5)
+    # warm-up: no contrastive term at all
+    loss_w, terms_w = rearec.prl_loss(R, views, target, E, cfg, use_cl=False)
+    assert "cl" not in terms_w and loss_w.item() == pytest.approx((ce_K + 0.7 * pl).item(), abs=1e-5)
+
+
+def test_prl_warmup_rule_in_training():
+    model = tiny_rearec("prl", 2, warmup=2).train()
+    x = torch.tensor([[0, 0] + SEQ, [0] + SEQ + [4]])
+    y = torch.cat([x[:, 1:], torch.tensor([[2], [8]])], 1)
+    y[x == 0] = 0
+    _, terms2, n = rearec.compute_loss(model, x, y, model.cfg, epoch=2)
+    _, terms3, _ = rearec.compute_loss(model, x, y, model.cfg, epoch=3)
+    assert "cl" not in terms2 and "cl" in terms3 and n == 13  # every non-padded position is a case
+
+
+def test_per_step_and_oracle_metrics_by_hand(tmp_path):
+    # two test cases (targets 1 and 2) whose states we set by hand; item embeddings = one-hot
+    ds = data.load_dataset(write(tmp_path / "s.txt", "1 3\n1 4\n1 4\n1 1\n2 4\n2 3\n2 3\n2 2\n"), verbose=False)
+    model = tiny_rearec("rpe", 1, n_items=4)
+    model.cfg.hidden = 4
+    model.item_emb = torch.nn.Embedding(5, 4)
+    model.item_emb.weight.data = torch.cat([torch.zeros(1, 4), torch.eye(4)])
+    R = torch.tensor([[[4., 3, 2, 1], [1, 2, 3, 4]],  # case 1 (target 1): step0 rank 1, step1 rank 4
+                      [[4., 3, 2, 1], [3, 4, 1, 2]]])  # case 2 (target 2): step0 rank 2, step1 rank 1
+    model.forward = lambda hist: R[: len(hist)]
+    model.cfg.mask_history = False
+    res = rearec.evaluate(model, ds.test, model.cfg, "cpu", analysis=True)
+    d = lambda r: 1 / math.log2(r + 1)
+    assert res["step0"]["ndcg@5"] == pytest.approx((d(1) + d(2)) / 2)
+    assert res["step1"]["ndcg@5"] == pytest.approx((d(4) + d(1)) / 2)
+    assert res["main"] == res["step1"]  # rpe recommends with r_K
+    assert res["oracle"]["ndcg@5"] == pytest.approx(1.0) and res["oracle"]["mrr"] == pytest.approx(1.0)
+    # ERL recommends with the mean state: [2.5, 2.5, 2.5, 2.5] (a 4-way tie: expected MRR over
+    # ranks 1..4) and [3.5, 3.5, 1.5, 1.5] (target tied at the top: rank 1 or 2)
+    model.cfg.method = "erl"
+    res = rearec.evaluate(model, ds.test, model.cfg, "cpu", analysis=True)
+    assert res["main"]["mrr"] == pytest.approx(((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4 + (1 + 1 / 2) / 2) / 2)
+
+
+def synthetic_file(tmp_path, n_users=400):
+    cols, _ = data.make_synthetic(n_users=n_users, seed=3)
+    return write(tmp_path / "syn.txt", "".join(f"{u} {i}\n" for u, i in zip(cols["user"], cols["item"])))
+
+
+@pytest.mark.parametrize("method", ["base", "naive", "rpe", "erl", "prl"])
+def test_each_method_learns_the_synthetic_data(tmp_path, method):
+    res = rearec.main(["--dataset", synthetic_file(tmp_path, 600), "--method", method, "--epochs", "3",
+                       "--warmup", "1", "--hidden", "32", "--batch-size", "32", "--lr", "3e-3",
+                       "--out", str(tmp_path / "run")])
+    ds = data.load_dataset(synthetic_file(tmp_path, 600), verbose=False)
+    pop = torch.from_numpy(np.bincount(ds.train.items, minlength=ds.n_items + 1)).double()
+    popularity = data.evaluate(lambda h: pop.expand(len(h), -1), ds.test, 50)
+    assert res["test"]["ndcg@10"] > 2.5 * popularity["ndcg@10"], (res["test"], popularity)
+
+
+def test_cli_results_json_seed_and_resume(tmp_path):
+    path = synthetic_file(tmp_path, 200)
+    common = ["--dataset", path, "--hidden", "16", "--warmup", "0", "--batch-size", "64", "--max-len", "20"]
+    a = rearec.main(common + ["--epochs", "2", "--out", str(tmp_path / "a")])
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    for key in ("config", "dataset", "valid", "test", "per_step", "oracle", "epochs", "train_seconds", "eval_seconds"):
+        assert key in saved
+    assert set(saved["per_step"]) == {"step0", "step1", "step2"} and saved["epochs"] == 2
+    for k in ("ndcg@10", "recall@10", "ndcg@20", "recall@20", "mrr"):
+        assert 0 <= saved["test"][k] <= 1
+    assert saved["oracle"]["ndcg@10"] >= max(m["ndcg@10"] for m in saved["per_step"].values())
+    b = rearec.main(common + ["--epochs", "2", "--out", str(tmp_path / "b")])
+    assert a["test"] == b["test"] and a["history"][-1]["loss"] == b["history"][-1]["loss"]
+    # one epoch, then --resume to two: the same numbers as two epochs straight
+    rearec.main(common + ["--epochs", "1", "--out", str(tmp_path / "c")])
+    c = rearec.main(common + ["--epochs", "2", "--out", str(tmp_path / "c"), "--resume"])
+    assert c["test"] == a["test"]
+    with pytest.raises(SystemExit, match="other settings"):
+        rearec.main(common + ["--epochs", "3", "--out", str(tmp_path / "c"), "--resume", "--lr", "0.01"])
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "cot"], "--method must be one of"),
+    (["--steps", "-1"], "--steps must be >= 0"),
+    (["--hidden", "30", "--heads", "4"], "multiple of --heads"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--dtype", "bfloat16", "--device", "cpu"], "bfloat16 needs a CUDA GPU"),
+    (["--dataset", "ml-1x"], "unknown dataset"),
+    (["--select-metric", "auc"], "--select-metric"),
+    (["--resume", "--out", "/nonexistent-dir-for-test"], "no checkpoint"),
+])
+def test_rearec_bad_flags_give_one_clear_line(args, message):
+    with pytest.raises(SystemExit) as e:
+        rearec.main(args)
+    assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method, fix", [("erl", "--kl-weight"), ("prl", "--lr")])
+def test_divergence_is_a_clear_error(tmp_path, method, fix):
+    # An absurd learning rate makes the weights overflow within two steps; the run must stop at
+    # once with one line naming the fix (ERL is known to diverge through its KL term).
+    with pytest.raises(SystemExit) as e:
+        rearec.main(["--dataset", synthetic_file(tmp_path, 200), "--method", method, "--lr", "1e30",
+                     "--epochs", "1", "--hidden", "16", "--max-len", "20", "--out", str(tmp_path / "r")])
+    assert str(e.value).startswith("error: non-finite loss at epoch 1") and fix in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 
 # =============================================================================
 # stream_rec.py
