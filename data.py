@@ -771,13 +771,17 @@ def windows(items, starts, ends, length):
     return np.where(valid, items[np.clip(idx, 0, None)], PAD)
 
 
-def train_batches(train, maxlen, batch_size, *, pairs=False, device="cpu", generator=None):
+def train_batches(train, maxlen, batch_size, *, pairs=False, device="cpu", generator=None, bucket=0):
     """Yield shuffled training batches (a fresh permutation from `generator` each call).
 
     pairs=False (SASRec / ReaRec): one row per user, targets at every position
         inputs (B, L), targets (B, L): targets[b, j] is the item after inputs[b, j]; PAD = no loss.
     pairs=True (TIGER / STREAM-Rec): one row per (prefix -> next item) example
         histories (B, L), targets (B,)
+    bucket > 0 (rows only): draw random pools of `bucket` batches, sort each pool by length, and
+        cut every batch's all-padding columns, so L <= maxlen varies per batch. On ML-1M about
+        half of a random batch is padding; this halves the work and changes no output (positions
+        count from the oldest item), only which users share a batch.
     """
     lens = train.lengths()
     if pairs:  # every position after a user's first item is a target, its prefix the history
@@ -789,13 +793,24 @@ def train_batches(train, maxlen, batch_size, *, pairs=False, device="cpu", gener
         starts, ends = train.starts[keep], train.ends[keep]
     n = len(starts)
     order = torch.randperm(n, generator=generator).numpy() if generator is not None else np.arange(n)
-    for b in range(0, n, batch_size):
-        rows = order[b:b + batch_size]
+    batches = [order[b:b + batch_size] for b in range(0, n, batch_size)]
+    if bucket and not pairs:
+        pool = bucket * batch_size
+        length = ends - starts
+        sorted_pools = [p[np.argsort(-length[p], kind="stable")] for p in
+                        (order[i:i + pool] for i in range(0, n, pool))]
+        batches = [p[b:b + batch_size] for p in sorted_pools for b in range(0, len(p), batch_size)]
+        if generator is not None:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    for rows in batches:
         if pairs:
             hist = windows(train.items, starts[rows], ends[rows], maxlen)  # (B, L)
             yield (torch.from_numpy(hist).to(device), torch.from_numpy(train.items[ends[rows]]).to(device))
         else:
-            w = torch.from_numpy(windows(train.items, starts[rows], ends[rows], maxlen + 1))
+            w = windows(train.items, starts[rows], ends[rows], maxlen + 1)  # (B, L+1)
+            if bucket:
+                w = w[:, min(int(np.argmax((w != PAD).any(0))), maxlen - 1):]  # drop all-PAD columns
+            w = torch.from_numpy(w)
             inputs, targets = w[:, :-1], w[:, 1:].clone()  # (B, L) each
             targets[inputs == PAD] = PAD  # the oldest kept item has no input before it
             yield inputs.to(device), targets.to(device)

@@ -93,6 +93,7 @@ class Config:
     patience: int = 10  # early stopping: epochs without a better validation score (official: 10)
     select_metric: str = "ndcg@20"  # validation metric for model selection (official: NDCG@20)
     batch_size: int = 128  # users per batch; every position of a user is a target
+    bucket: int = 8  # length bucketing: sort pools of this many batches by length (data.py); 0 = off
     lr: float = 1e-3  # Adam learning rate (official)
     weight_decay: float = 0.0  # official l2 = 0
     grad_clip: float = 0.0  # max gradient norm, 0 = off (official: off)
@@ -546,7 +547,7 @@ def train(cfg, model, ds, device):
             t0, sums, count = time.time(), {}, 0
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # same order on resume
             for step, (inputs, targets) in enumerate(data.train_batches(
-                    ds.train, cfg.max_len, cfg.batch_size, device=device, generator=gen)):
+                    ds.train, cfg.max_len, cfg.batch_size, device=device, generator=gen, bucket=cfg.bucket)):
                 with autocast(cfg, device):
                     loss, terms, n = compute_loss(model, inputs, targets, cfg, epoch)
                 if not torch.isfinite(loss):
@@ -617,7 +618,7 @@ def benchmark(cfg, ds, device):
         sync()
         t0, seqs, targets_seen = time.time(), 0, 0
         for inputs, targets in data.train_batches(ds.train, c.max_len, c.batch_size, device=device,
-                                                  generator=torch.Generator().manual_seed(0)):
+                                                  generator=torch.Generator().manual_seed(0), bucket=c.bucket):
             with autocast(c, device):
                 loss, _, n = compute_loss(model, inputs, targets, c, epoch=c.warmup + 1)
             opt.zero_grad(set_to_none=True)
@@ -681,8 +682,8 @@ def main(argv=None):
               f"200 for long MovieLens-like sequences as SASRec, 50 otherwise as ReaRec)")
     print("config", json.dumps(dataclasses.asdict(cfg)))
     mask = "history masked" if cfg.mask_history else "history not masked"
-    print(f"protocol: full ranking over {ds.n_items} items, {mask}, ties pessimistic-free "
-          f"(expected rank), select on valid {cfg.select_metric}")
+    print(f"protocol: full ranking over {ds.n_items} items, {mask}, ties share their rank "
+          f"(expected value), select on valid {cfg.select_metric}")
     if cfg.benchmark:
         return benchmark(cfg, ds, device)
     os.makedirs(cfg.out, exist_ok=True)

@@ -269,6 +269,11 @@ def test_train_batches_every_position_and_pairs():
     pairs = {(tuple(h.tolist()), int(t)) for h, ts in data.train_batches(ds.train, 3, 2, pairs=True)
              for h, t in zip(h, ts)}
     assert pairs == {((0, 0, 7), 3), ((0, 7, 3), 9), ((0, 0, 5), 6), ((0, 0, 1), 2), ((0, 1, 2), 3)}
+    # length bucketing: the same rows (without their padding), batches of similar length
+    plain = {tuple(r[r != 0].tolist()) for x, _ in data.train_batches(ds.train, 4, 1) for r in x}
+    bucketed = list(data.train_batches(ds.train, 4, 2, bucket=2, generator=torch.Generator().manual_seed(1)))
+    assert {tuple(r[r != 0].tolist()) for x, _ in bucketed for r in x} == plain
+    assert sorted(x.shape[1] for x, _ in bucketed) == [1, 2]  # [7 3 | 1 2] and [5] (padding cut)
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     a = [x for x, _ in data.train_batches(ds.train, 4, 1, generator=g1)]
     b = [x for x, _ in data.train_batches(ds.train, 4, 1, generator=g2)]
