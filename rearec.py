@@ -9,7 +9,7 @@ Implements:
     - a SASRec-style causal Transformer backbone (item + position embeddings, post-LN layers,
       tied output embeddings, full-softmax cross-entropy over all items) and a BERT4Rec-style
       bidirectional variant with the paper's prefix mask (--backbone bert4rec)
-    - reasoning (§3.1): K autoregressive steps that feed the last hidden state back as a new
+    - reasoning (§3.1.2): K autoregressive steps that feed the last hidden state back as a new
       input token plus a reasoning position embedding (RPE), with a key/value cache
     - training of the reasoning at EVERY position of a sequence in one pass (SASRec)
     - methods: base (K=0), naive (no RPE), rpe, erl (§3.2), prl (§3.3)
@@ -65,17 +65,17 @@ class Config:
     split: str | None = None  # loo | time (default: per dataset)
     min_rating: float | None = None  # implicit-feedback threshold (default: per dataset)
     kcore: int | None = None  # k-core filter, 0 = off (default: per dataset)
-    max_len: int = 0  # L, items of history read; 0 = auto: 200 if the average sequence is > 100 items (SASRec's ML-1M), else 50 (paper §4.1)
-    mask_history: bool = True  # evaluation: do not rank items already in the history (paper: off)
+    max_len: int = 0  # L, items of history read; 0 = auto: 200 if the average sequence is > 100 items (SASRec's ML-1M), else 50 (paper's setup)
+    mask_history: bool = True  # evaluation: do not rank items already in the history (Deviation: paper/official do not mask; --no-mask-history)
     # model
     method: str = "prl"  # base | naive | rpe | erl | prl (paper §3, §4.3.2 ablations)
-    backbone: str = "sasrec"  # sasrec (causal) | bert4rec (bidirectional items, prefix mask; paper §4.1)
+    backbone: str = "sasrec"  # sasrec (causal) | bert4rec (bidirectional items, paper's prefix mask)
     steps: int = 2  # K, reasoning steps (paper: best at 2; official: reason_step); base uses 0
-    hidden: int = 64  # D (paper/official: 256; 64 keeps ML-1M practical on a CPU)
+    hidden: int = 64  # D (Deviation: paper/official 256; 64 keeps ML-1M practical on a CPU)
     layers: int = 2  # Transformer layers (official default)
     heads: int = 2  # attention heads (official default)
     ffn: int = 256  # feed-forward inner size (official: 300 with D=256)
-    dropout: float = 0.2  # attention and hidden dropout (official: 0.5; SASRec ML-1M: 0.2)
+    dropout: float = 0.2  # attention and hidden dropout (Deviation: official 0.5; SASRec's ML-1M value)
     emb_dropout: float = 0.2  # dropout on every input token (official: hard-coded 0.2)
     tau: float = 0.07  # softmax temperature of every CE and of the InfoNCE (official: temperature)
     # ERL (paper §3.2)
@@ -83,13 +83,13 @@ class Config:
     kl_stopgrad: bool = True  # stop-gradient on log p_i in KL(p_j || p_i) (official code)
     # PRL (paper §3.3)
     alpha: float = 5.0  # temperature growth per step back (official: temp_scale)
-    noise: float = 0.01  # gamma, std of the Gaussian noise on reasoning inputs (official: noise_factor)
+    noise: float = 0.01  # gamma, the STD of the noise on reasoning inputs (official noise_factor; the paper's N(0, gamma I) reads as a variance)
     pl_weight: float = 1.0  # weight of the progressive CE on steps 0..K-1 (official)
     cl_weight: float = 1.0  # weight of the reasoning-aware contrastive term (official)
     warmup: int = 2  # epochs without the contrastive term (official: warmup)
-    prl_sum: bool = False  # paper's sums over steps instead of the official code's means
+    prl_sum: bool = False  # paper's sums over steps (Official code: means, the default)
     # training
-    epochs: int = 200  # maximum epochs (official: 300)
+    epochs: int = 200  # maximum epochs (official: 300; early stopping ends runs long before)
     patience: int = 10  # early stopping: epochs without a better validation score (official: 10)
     select_metric: str = "ndcg@20"  # validation metric for model selection (official: NDCG@20)
     batch_size: int = 128  # users per batch; every position of a user is a target
@@ -183,7 +183,7 @@ def save_atomic(obj, path):
 
 
 # -----------------------------------------------------------------------------
-# Model: SASRec backbone + reasoning with a KV cache (paper §3.1)
+# Model: SASRec backbone + reasoning with a KV cache (paper §3.1.2)
 # -----------------------------------------------------------------------------
 def attend(q, k, v, mask, k_own=None, v_own=None, dropout=None):
     """Scaled dot-product attention over item keys, plus (for reasoning tokens) each chain's own
@@ -246,7 +246,7 @@ class ReaRec(nn.Module):
         D, K = cfg.hidden, cfg.steps
         self.item_emb = nn.Embedding(cfg.n_items + 1, D)  # row 0 = PAD; tied with the output layer
         self.pos_emb = nn.Embedding(cfg.max_len, D)  # position 0 = the OLDEST item in the window
-        # ALGO LOGIC: reasoning position embeddings P^R (paper §3.1, Eq. 5). A separate table,
+        # ALGO LOGIC: reasoning position embeddings P^R (paper §3.1.2). A separate table,
         # not more rows of pos_emb: reasoning token k is not "the item at position L+k", it
         # marks which step of thinking this is, and the same k follows every history length.
         # The naive ablation feeds r_{k-1} back with no such marker (paper §4.3.2).
@@ -295,7 +295,7 @@ class ReaRec(nn.Module):
         return x, cache, key_ok
 
     def reason(self, cache, key_ok, chain_pos, r0, steps, feed=None, noise=0.0):
-        """ALGO LOGIC: K autoregressive reasoning steps (paper §3.1, Eq. 5-6) with a KV cache.
+        """ALGO LOGIC: K autoregressive reasoning steps (paper §3.1.2) with a KV cache.
 
         Chain p of row b starts from r0[b, p], the final state of the item at position
         chain_pos[b, p], and reasons as if the sequence ended there: its tokens attend to the items
@@ -350,8 +350,9 @@ class ReaRec(nn.Module):
 # -----------------------------------------------------------------------------
 def item_logits(states, item_emb, tau):
     """states (..., D) -> logits over the N real items (..., N); column j is item j+1.
-    Paper Eq. 3: y = softmax(h E^T). The PAD row is no candidate (Deviation: the official code
-    keeps it in the training softmax; it can never be a target, so this only removes noise)."""
+    Paper: y = softmax(h E^T), a plain dot product with the tied item embeddings.
+    Deviation: the PAD row is no candidate; the official code keeps it in the training softmax
+    (it can never be a target, so removing it only removes noise)."""
     return states @ item_emb[1:].T / tau
 
 
@@ -367,8 +368,9 @@ def erl_loss(R, target, item_emb, cfg):
     p_k = softmax(r_k E^T / tau);  KL_ij = KL(p_j || sg(p_i)) = sum_n p_j (log p_j - sg(log p_i))
     L = L_rec - lambda * mean over the (K+1)K ordered pairs i != j and the batch of KL_ij
     The minus sign MAXIMISES the disagreement between steps (diversity); the stop-gradient keeps
-    each p_i a fixed reference while p_j moves away from it. Official code: ordered pairs and a
-    mean; the paper writes a sum over i < j. K = 0 has no pairs: the KL term is 0, not NaN.
+    each p_i a fixed reference while p_j moves away from it. Official code: ordered pairs, a mean
+    and the stop-gradient (the paper writes a sum over i < j). K = 0 has no pairs: the KL term
+    is 0 (Official code: NaN, a mean over nothing).
     R (V, K+1, D), target (V,). Returns (loss, {"ce": .., "kl": ..}).
     """
     rec = F.cross_entropy(item_logits(R.mean(dim=1), item_emb, tau=cfg.tau), target - 1)
@@ -393,13 +395,14 @@ def prl_loss(R, views, target, item_emb, cfg, use_cl):
 
     Progressive temperature annealing: tau_k = tau * alpha^(K-k), k = 0..K. Early steps see a
     smoother distribution (alpha > 1), the last one the base tau: the reasoning sharpens step by
-    step instead of every step copying the previous one (alpha = 1 collapses, paper §4.4).
+    step instead of every step copying the previous one (paper: alpha = 1 collapses, 10 is too abrupt).
         CE_K = CE(r_K E^T / tau);  PL = mean_{k<K} CE(r_k E^T / tau_k)
     Reasoning-aware contrastive learning: the noisy chain's r~_k must pick out its own clean r_k
     among the other sequences' r_k in the batch (InfoNCE, dot product / tau), k = 1..K:
         CL = mean_k mean_b -log softmax_b'(r~_k[b] . r_k[b'] / tau)[b]
-    loss = CE_K + pl_weight * PL + cl_weight * CL. CL = 0 during the warm-up epochs (the official
-    code crashes there with an undefined variable).
+    loss = CE_K + pl_weight * PL + cl_weight * CL. CL = 0 during the warm-up epochs (Official
+    code: crashes there, `cl_loss` is undefined). Official code: means over steps and cases; the
+    paper sums over steps (--prl-sum).
     R (V, K+1, D) clean states at the supervised positions; views {"clean", "noisy"}: (C, K+1, D)
     states of C contrastive chains (one per sequence) and their noisy re-runs. Returns (loss, terms).
     """
@@ -431,8 +434,12 @@ def compute_loss(model, inputs, targets, cfg, epoch):
 
     SASRec: every position of every row is a case (the reasoning chain of position t reads
     items <= t), so one pass trains on all (prefix -> next item) pairs of a user.
-    bert4rec: bidirectional item states would see the future, so each row contributes ONE case
-    per epoch: a random prefix, encoded with keys beyond it masked (paper's prefix mask).
+    Deviation: the official code makes every (prefix, next item) pair its own row and re-encodes
+    it: the same cases and the same per-case computation (test_all.py checks this), but ~100x the
+    work on ML-1M. As in SASRec, a prefix here sees at most the user's last L+1 items.
+    Reconstructed: bert4rec. Bidirectional item states would see the future, so each row gives
+    ONE case per epoch: a random prefix, its later items masked out as keys (no official code;
+    the paper says SASRec-style next-item training with bidirectional items, issue #1).
     """
     B, L = inputs.shape
     valid = targets != data.PAD  # (B, L)
@@ -442,7 +449,10 @@ def compute_loss(model, inputs, targets, cfg, epoch):
         chain_pos = torch.arange(L, device=inputs.device)[None, :]  # (1, L): one chain per position
         R = model.reason(cache, key_ok, chain_pos, h, K)  # (B, L, K+1, D)
         R_cases, target = R[valid], targets[valid]  # (V, K+1, D), (V,)
-        # one contrastive chain per row, at a random supervised position (other rows = negatives)
+        # Deviation: PRL's contrastive chains. The official batch holds 2,048 independent prefixes;
+        # ours holds every position of 128 users, and a position's neighbours share most of its
+        # history (false negatives). So each row gives ONE chain, at a random supervised position,
+        # and the other rows' chains are its negatives.
         cl_pos = torch.multinomial(valid.float(), 1)  # (B, 1)
         R_cl = R.gather(1, cl_pos[:, :, None, None].expand(B, 1, K + 1, R.shape[-1]))[:, 0]
     else:
@@ -457,7 +467,12 @@ def compute_loss(model, inputs, targets, cfg, epoch):
     elif cfg.method == "prl":
         use_cl = epoch > cfg.warmup and cfg.cl_weight > 0 and K > 0
         views = None
-        if use_cl:  # the noisy chain re-reasons from the clean inputs + noise, same item cache
+        # Deviation: the official code duplicates the batch, so the noisy view re-encodes the items
+        # with its own dropout; here it reuses the clean item cache and re-runs only the reasoning
+        # steps (the paper's h~ = h + eps perturbs the reasoning inputs only). Official code: the
+        # noisy input at step k is the CLEAN chain's r_{k-1} + p^R_k plus noise (a one-step
+        # perturbation, not an independently unrolled noisy chain): feed= does exactly that.
+        if use_cl:
             feed = R_cl[:, None, :K]  # (B, 1, K, D) clean r_0..r_{K-1}
             noisy = model.reason(cache, key_ok, cl_pos, R_cl[:, None, 0], K, feed=feed, noise=cfg.noise)
             views = {"clean": R_cl, "noisy": noisy[:, 0]}
@@ -475,8 +490,10 @@ def evaluate(model, split, cfg, device, analysis=False):
     """Full-ranking metrics of the model's recommendation state (ERL: mean, else r_K).
 
     analysis=True adds one view per reasoning step r_0..r_K and the "oracle": per case the step
-    that ranks the target best, chosen with the label (paper §4.2, Fig. 2: the ceiling an ideal
-    step selector could reach). Returns {metric: v} or {"main"/"step0".../"oracle": {metric: v}}.
+    that ranks the target best, chosen with the label: the ceiling an ideal step selector could
+    reach (paper Fig. 2; Reconstructed: the paper gives no formula and the code has none, this is
+    its "post-hoc optimal reasoning step" read per test case).
+    Returns {metric: v} or {"main"/"step0".../"oracle": {metric: v}}.
     """
     model.eval()
     E = model.item_emb.weight
@@ -506,7 +523,7 @@ def fmt(metrics, keys=("ndcg@10", "recall@10", "ndcg@20", "recall@20")):
 
 
 # -----------------------------------------------------------------------------
-# Training (paper §4.1: Adam, full-softmax CE, early stopping on validation)
+# Training (paper's setup: Adam, full-softmax CE, early stopping on validation)
 # -----------------------------------------------------------------------------
 class NonFiniteLoss(Exception):
     pass
