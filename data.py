@@ -702,6 +702,9 @@ def load_dataset(name="synthetic", data_dir="data", *, meta=None, verbose=True, 
             titles = _zip_meta(name)
         else:
             meta = meta or _sibling_meta(name)
+    elif os.sep in name or re.search(r"\.(txt|csv|tsv|dat|data|inter|json|jsonl|gz|zip)$", name):
+        raise DataError(f"no such file: {name}; check the path (named datasets: synthetic, "
+                        f"{', '.join(MOVIELENS)}, amazon2014-<Category>, ...)")
     elif name in MOVIELENS and os.path.exists(os.path.join(data_dir, name + ".txt")):
         path = os.path.join(data_dir, name + ".txt")  # SASRec's preprocessed copy, used as it is
         if verbose:

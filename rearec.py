@@ -350,10 +350,11 @@ class ReaRec(nn.Module):
 # -----------------------------------------------------------------------------
 def item_logits(states, item_emb, tau):
     """states (..., D) -> logits over the N real items (..., N); column j is item j+1.
+    tau: a number, or a tensor broadcasting against states[..., :1] (PRL's per-step tau_k).
     Paper: y = softmax(h E^T), a plain dot product with the tied item embeddings.
     Deviation: the PAD row is no candidate; the official code keeps it in the training softmax
     (it can never be a target, so removing it only removes noise)."""
-    return states @ item_emb[1:].T / tau
+    return (states / tau) @ item_emb[1:].T  # dividing the (.., D) states, not the (.., N) logits
 
 
 def ce_loss(R, target, item_emb, tau):
@@ -383,7 +384,7 @@ def erl_loss(R, target, item_emb, cfg):
     log_p_ref = log_p.detach() if cfg.kl_stopgrad else log_p
     # kl[v, i, j] = sum_n p_j log p_j - sum_n p_j log p_i, without a (V, S, S, N) tensor
     neg_entropy = (p * log_p).sum(-1)  # (V, S)
-    cross = torch.einsum("vjn,vin->vij", p, log_p_ref)  # (V, S, S)
+    cross = torch.bmm(log_p_ref, p.transpose(1, 2))  # (V, S, S): cross[v, i, j] = sum_n log p_i p_j
     kl = neg_entropy[:, None, :] - cross  # (V, S, S)
     off_diagonal = ~torch.eye(S, dtype=torch.bool, device=R.device)
     kl = kl[:, off_diagonal].mean()
@@ -412,7 +413,7 @@ def prl_loss(R, views, target, item_emb, cfg, use_cl):
     loss = ce_K
     if K > 0:
         taus = cfg.tau * cfg.alpha ** torch.arange(K, 0, -1, device=R.device, dtype=R.dtype)  # (K,) tau_0..tau_{K-1}
-        logits = item_logits(R[:, :K], item_emb, 1.0) / taus[:, None]  # (V, K, N)
+        logits = item_logits(R[:, :K], item_emb, taus[:, None])  # (V, K, N)
         pl = F.cross_entropy(logits.flatten(0, 1), (target - 1).repeat_interleave(K),
                              reduction="sum" if cfg.prl_sum else "mean")
         pl = pl / len(target) if cfg.prl_sum else pl  # sum over steps, mean over cases

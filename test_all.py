@@ -396,6 +396,7 @@ def test_named_dataset_downloads_once_then_works_offline(tmp_path, monkeypatch):
 # --- Bad input: one clear line each ------------------------------------------------------------------
 @pytest.mark.parametrize("args, text, message", [
     (["--dataset", "no-such-set"], None, "unknown dataset 'no-such-set'"),
+    (["--dataset", "missing/ratings.dat"], None, "no such file: missing/ratings.dat"),
     (["--dataset", "{f}"], "1::2::3::4\n1::x::3::4\n", "line 2"),
     (["--dataset", "{f}", "--kcore", "50"], "1::2::3::4\n1::3::3::5\n", "no interactions left"),
     (["--dataset", "{f}", "--split", "time"], "1 2\n1 3\n1 4\n", "no timestamps"),
