@@ -240,6 +240,9 @@ class Layer(nn.Module):
 
 
 class ReaRec(nn.Module):
+    """SASRec (or BERT4Rec) backbone + K latent reasoning steps. The only parameters reasoning
+    adds are the K x D reasoning position embeddings (paper §3.1.2); everything else is shared."""
+
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -254,7 +257,6 @@ class ReaRec(nn.Module):
         self.in_ln = nn.LayerNorm(D, eps=1e-12)  # applied to EVERY input token (official wrapper)
         self.in_drop = nn.Dropout(cfg.emb_dropout)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
-        self.attn_drop = self.layers[0].attn_drop
         self.apply(self._init)
 
     @staticmethod
@@ -709,7 +711,7 @@ def main(argv=None):
     print(f"{cfg.method} | K={cfg.steps} | {sum(p.numel() for p in model.parameters()):,} parameters")
     try:
         info = train(cfg, model, ds, device)
-        if os.path.exists(info["best_path"]):  # reload the best validation checkpoint
+        if info["best_epoch"] > 0:  # reload the best validation checkpoint of THIS run
             model.load_state_dict(torch.load(info["best_path"], map_location=device, weights_only=False)["model"])
         t0 = time.time()
         valid = evaluate(model, ds.valid, cfg, device, analysis=True)
