@@ -883,7 +883,7 @@ def rank_metrics(out, targets, exclude=None, ks=KS):
 
 
 def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, mask_history=True,
-             oracle_of=None):
+             oracle_of=None, trim=False):
     """Mean metrics of `score_fn` over an evaluation split (full ranking, batched).
 
     score_fn(histories (B, L) long on `device`) returns (B, N+1) scores, (B, K) ranked item
@@ -891,18 +891,24 @@ def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, ma
     mask_history: remove the case's whole history (not only the last L items) from the ranking.
     oracle_of: names of views; adds view "oracle" = per case, the best of those views, chosen
     with the label (an upper bound, ReaRec Fig. 2).
+    trim: batch cases of similar history length and cut all-padding columns (L <= maxlen then
+    varies per batch); only for score_fns that accept any width. Metrics are unchanged.
     Returns {metric: float} for a tensor, {view: {metric: float}} for a dict.
     """
     sums, single = {}, None
+    lengths = split.ends - split.starts
+    order = np.argsort(-np.minimum(lengths, maxlen), kind="stable") if trim else np.arange(len(split))
     for b in range(0, len(split), batch_size):
-        rows = slice(b, b + batch_size)
-        hist = torch.from_numpy(windows(split.items, split.starts[rows], split.ends[rows], maxlen)).to(device)
+        rows = order[b:b + batch_size]
+        starts, ends = split.starts[rows], split.ends[rows]
+        hist = windows(split.items, starts, ends, maxlen)  # (B, L)
+        if trim:
+            hist = hist[:, min(int(np.argmax((hist != PAD).any(0))), maxlen - 1):]
+        hist = torch.from_numpy(hist).to(device)
         target = torch.from_numpy(split.targets[rows]).to(device)
         exclude = None
-        if mask_history:
-            longest = int((split.ends[rows] - split.starts[rows]).max(initial=1))
-            exclude = torch.from_numpy(windows(split.items, split.starts[rows], split.ends[rows],
-                                               max(longest, 1))).to(device)
+        if mask_history:  # the whole history, however long
+            exclude = torch.from_numpy(windows(split.items, starts, ends, max(int(lengths[rows].max()), 1))).to(device)
         with torch.no_grad():
             out = score_fn(hist)
         single = not isinstance(out, dict)

@@ -512,7 +512,7 @@ def evaluate(model, split, cfg, device, analysis=False):
 
     steps = [f"step{k}" for k in range(cfg.steps + 1)] if analysis else None
     res = data.evaluate(score_fn, split, cfg.max_len, device=device, batch_size=cfg.eval_batch_size,
-                        mask_history=cfg.mask_history, oracle_of=steps)
+                        mask_history=cfg.mask_history, oracle_of=steps, trim=True)
     model.train()
     return res
 

@@ -128,6 +128,17 @@ def test_evaluate_views_and_oracle():
     assert res["oracle"]["ndcg@5"] >= max(res["a"]["ndcg@5"], res["b"]["ndcg@5"])
 
 
+def test_evaluate_trim_changes_no_metric():
+    ds = small_dataset()
+    torch.manual_seed(0)
+    table = torch.randn(ds.n_items + 1, ds.n_items + 1)
+    fn = lambda h: table[h[:, -1]] + 0.1 * (h != 0).sum(1, keepdim=True)  # any width works
+    widths = []
+    plain = data.evaluate(fn, ds.valid, 6, batch_size=1)
+    trimmed = data.evaluate(lambda h: widths.append(h.shape[1]) or fn(h), ds.valid, 6, batch_size=1, trim=True)
+    assert plain == pytest.approx(trimmed) and sorted(widths) == [3, 3]  # histories [7 3 9], [1 2 3]
+
+
 # --- Layouts --------------------------------------------------------------------------------------
 ML_RATINGS = "1::10::5::100\n1::20::3::90\n1::30::4::100\n2::10::1::50\n2::30::2::40\n"
 EXPECTED_ML = {1: [20, 10, 30], 2: [30, 10]}  # by time; 10 and 30 tie at t=100: file order kept
