@@ -99,10 +99,11 @@ DEFAULTS = {
 
 
 def _sources(name):
-    """Name -> (files to fetch as [(filename, [urls], md5)], file to parse, meta file, defaults)."""
+    """Name -> (files to fetch as [(filename, [urls], md5)], (meta file, [urls]) or None,
+    the DEFAULTS entry of its preprocessing)."""
     if name in MOVIELENS:
         zname = name + ".zip"
-        return [(zname, [GROUPLENS + zname], MOVIELENS[name])], zname, None, "raw"
+        return [(zname, [GROUPLENS + zname], MOVIELENS[name])], None, "raw"
     m = re.fullmatch(r"amazon(2014|2018|2023)-(\w+?)(-time)?", name)
     if not m or (m.group(3) and m.group(1) != "2023"):
         raise DataError(f"unknown dataset '{name}': it is not a file and not one of synthetic, "
@@ -111,19 +112,19 @@ def _sources(name):
     year, cat, timed = m.groups()
     if year == "2014":
         f, meta = f"reviews_{cat}_5.json.gz", f"meta_{cat}.json.gz"
-        return [(f, [AMZ2014 + f], None)], f, (meta, [AMZ2014 + meta]), "raw"
+        return [(f, [AMZ2014 + f], None)], (meta, [AMZ2014 + meta]), "raw"
     if year == "2018":
         f, meta = f"{cat}_5.json.gz", f"meta_{cat}.json.gz"
-        return ([(f, [u + "categoryFilesSmall/" + f for u in AMZ2018], None)], f,
+        return ([(f, [u + "categoryFilesSmall/" + f for u in AMZ2018], None)],
                 (meta, [u + "metaFiles2/" + meta for u in AMZ2018]), "raw")
     meta = f"meta_{cat}.jsonl.gz"
     meta = (meta, [AMZ2023 + "raw/meta_categories/" + meta])
     if timed:  # three files; the history column is rebuilt from the interactions themselves
         files = [(f"{cat}.{s}.csv.gz", [f"{AMZ2023}benchmark/5core/timestamp_w_his/{cat}.{s}.csv.gz"],
                   None) for s in ("train", "valid", "test")]
-        return files, files[0][0], meta, "rearec-time"
+        return files, meta, "rearec-time"
     f = f"{cat}.csv.gz"
-    return [(f, [AMZ2023 + "benchmark/5core/rating_only/" + f], None)], f, meta, "raw"
+    return [(f, [AMZ2023 + "benchmark/5core/rating_only/" + f], None)], meta, "raw"
 
 
 # -----------------------------------------------------------------------------
@@ -711,7 +712,7 @@ def load_dataset(name="synthetic", data_dir="data", *, meta=None, verbose=True, 
             print(f"using {path} (SASRec format, already preprocessed)")
         cols = parse_file(path)
     else:
-        files, main_file, meta_src, kind = _sources(name)
+        files, meta_src, kind = _sources(name)
         paths = [download(urls, os.path.join(data_dir, f), md5) for f, urls, md5 in files]
         cols = _concat([_load_local(p) for p in paths])
         if name in MOVIELENS:
@@ -929,7 +930,7 @@ def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, ma
 # -----------------------------------------------------------------------------
 # CLI
 # -----------------------------------------------------------------------------
-def add_data_args(p):
+def _add_data_args(p):
     """The data flags every script shares (also accepted with underscores)."""
     def arg(flag, **kw):
         p.add_argument(flag, flag.replace("-", "_").replace("__", "--"), **kw)
@@ -948,7 +949,7 @@ def add_data_args(p):
     arg("--meta", help="metadata file with item titles (default: found automatically)")
 
 
-def data_kwargs(args):
+def _data_kwargs(args):
     """The load_dataset keyword arguments of parsed data flags."""
     keys = ("min_rating", "dedup", "kcore", "kcore_mode", "split", "time_cuts", "min_history", "meta")
     return {k: getattr(args, k) for k in keys}
@@ -956,7 +957,7 @@ def data_kwargs(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Load, preprocess and split a dataset; print statistics.")
-    add_data_args(p)
+    _add_data_args(p)
     p.add_argument("--stats", action="store_true", help="print dataset statistics as one JSON object")
     p.add_argument("--download", action="store_true", help="only fetch the files into --data-dir")
     p.add_argument("--with-meta", action="store_true", help="with --download: also fetch item metadata")
@@ -965,13 +966,13 @@ def main(argv=None):
         if args.download:
             if args.dataset == "synthetic" or os.path.exists(args.dataset):
                 raise DataError(f"{args.dataset} needs no download")
-            files, _, meta_src, _ = _sources(args.dataset)
+            files, meta_src, _ = _sources(args.dataset)
             if args.with_meta and meta_src:
                 files = files + [(meta_src[0], meta_src[1], None)]
             for f, urls, md5 in files:
                 print(download(urls, os.path.join(args.data_dir, f), md5))
             return None
-        ds = load_dataset(args.dataset, args.data_dir, verbose=not args.stats, **data_kwargs(args))
+        ds = load_dataset(args.dataset, args.data_dir, verbose=not args.stats, **_data_kwargs(args))
     except DataError as e:
         sys.exit(f"error: {e}")
     print(json.dumps(ds.stats))
