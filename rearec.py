@@ -101,6 +101,7 @@ class Config:
     # run
     device: str = "auto"  # auto | cpu | cuda | cuda:i | mps
     dtype: str = "float32"  # float32 | bfloat16 (autocast, CUDA only)
+    threads: int = 0  # CPU threads for torch, 0 = torch's default (use 1 when several runs share a CPU)
     seed: int = 0  # official: 0
     out: str = "runs/rearec"  # checkpoints, log and results.json
     resume: bool = False  # continue from out/last.pt
@@ -136,6 +137,7 @@ def parse_args(argv=None):
         (cfg.noise >= 0 and cfg.kl_weight >= 0, "--noise and --kl-weight must be >= 0"),
         (cfg.max_len >= 0 and cfg.epochs >= 0 and cfg.batch_size > 0 and cfg.lr > 0, "--max-len, --epochs must be >= 0; --batch-size, --lr > 0"),
         (cfg.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, not {cfg.dtype!r}"),
+        (cfg.threads >= 0, f"--threads must be >= 0, not {cfg.threads}"),
         (cfg.select_metric in [f"{m}@{k}" for m in ("ndcg", "recall", "mrr") for k in data.KS] + ["mrr"],
          f"--select-metric must be ndcg@k, recall@k or mrr@k with k in {data.KS}, or mrr"),
     ]:
@@ -533,7 +535,7 @@ class NonFiniteLoss(Exception):
 
 
 # Fields that may differ between a run and its --resume (everything else must match).
-RUN_ONLY = {"epochs", "patience", "resume", "device", "out", "benchmark", "eval_batch_size", "data_dir"}
+RUN_ONLY = {"epochs", "patience", "resume", "device", "out", "benchmark", "eval_batch_size", "data_dir", "threads"}
 
 
 def train(cfg, model, ds, device):
@@ -687,6 +689,8 @@ def main(argv=None):
     device = pick_device(cfg.device)
     if cfg.dtype == "bfloat16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
         sys.exit("error: --dtype bfloat16 needs a CUDA GPU with bf16 support; use --dtype float32")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
     print(f"rearec | torch {torch.__version__} | device {device} | dtype {cfg.dtype} | "
           f"threads {torch.get_num_threads()}")
