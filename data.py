@@ -868,9 +868,10 @@ def rank_metrics(out, targets, exclude=None, ks=KS):
         rank = torch.where(hit.any(1), (keep.long().cumsum(1) * hit).sum(1), 10**9)
         greater, ties = (rank - 1).double(), torch.zeros_like(rank, dtype=torch.float64)
         n = lists.shape[1]
-    D, H = _discounts(n + 1, out.device)
+    size = max(n, max(ks)) + 1  # ranks up to n+1 (a miss) and every cut-off k must be in the tables
+    D, H = _discounts(size, out.device)
     lo, hi, cnt = greater + 1, greater + ties + 1, ties + 1  # the target's rank is uniform on [lo, hi]
-    lo_i = lo.clamp(max=n + 1).long()
+    lo_i = lo.clamp(max=size).long()
     res = {}
     for k in ks:
         top = torch.minimum(hi, torch.full_like(hi, k)).clamp(min=0).long()  # min(hi, k)
@@ -878,7 +879,7 @@ def rank_metrics(out, targets, exclude=None, ks=KS):
         res[f"recall@{k}"] = torch.where(inside, (top - lo_i + 1) / cnt, 0.0)
         res[f"ndcg@{k}"] = torch.where(inside, (D[top] - D[lo_i - 1]) / cnt, 0.0)  # IDCG = 1
         res[f"mrr@{k}"] = torch.where(inside, (H[top] - H[lo_i - 1]) / cnt, 0.0)
-    hi_i = hi.clamp(max=n + 1).long()
+    hi_i = hi.clamp(max=size).long()
     res["mrr"] = torch.where(lo <= n, (H[hi_i] - H[lo_i - 1]) / cnt, 0.0)
     return res
 

@@ -90,6 +90,8 @@ def test_metrics_from_ranked_lists():
     assert m["recall@3"].tolist() == [1, 1, 0]
     assert m["ndcg@3"].tolist() == pytest.approx([1 / math.log2(3), 1 / math.log2(4), 0])
     assert m["mrr"].tolist() == pytest.approx([1 / 2, 1 / 3, 0])
+    short = data.rank_metrics(torch.tensor([[5, 1], [2, 3]]), torch.tensor([1, 1]))  # lists shorter than k
+    assert short["recall@20"].tolist() == [1, 0] and short["ndcg@5"].tolist() == pytest.approx([1 / math.log2(3), 0])
     exclude = torch.tensor([[3, 0], [4, 0], [2, 0]])  # history items leave the list
     m = data.rank_metrics(lists, targets, exclude, ks=(2, 3))
     assert m["mrr"].tolist() == pytest.approx([1, 1 / 2, 0])
