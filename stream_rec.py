@@ -99,7 +99,7 @@ class Config:
     feature_dim: int = 32  # F, SVD dimension of the item vectors
     cooc_window: int = 5  # items closer than this in a training sequence co-occur
     levels: int = 3  # m, residual quantisation levels (Spec §2.1 [R]: 3, plus a dedup digit)
-    codebook_size: int = 0  # codes per level; 0 = ceil(N^(1/m)) clipped to [2, 256] (ours)
+    codebook_size: int = 0  # codes per level; 0 = ceil((8N)^(1/m)) clipped to [2, 256] (ours)
     kmeans_iters: int = 30  # Lloyd iterations per level (k-means++ init, seeded)
     # model (Spec §2.2: T5-like encoder-decoder; paper size 128 / 512 / 3 / 3)
     d_model: int = 64  # D
@@ -128,6 +128,7 @@ class Config:
     lambda_quant: float = 0.1  # weight of L_quant, residual commitment (Spec §4.3.3)
     quant_beta: float = 0.0  # weight of the codebook half of L_quant (Spec §4.3.3 [R]: off)
     lambda_dpo: float = 0.1  # weight of L_DPO against the direct model (Spec §4.3.4)
+    lambda_usage: float = 1.0  # weight of the code-usage penalty against trace collapse (Spec §4.3 tip)
     beta_dpo: float = 0.1  # DPO beta (ours; the usual DPO default)
     # stage 3: GRPO (Spec §4b)
     rl_epochs: int = 2  # RL epochs (Spec §4b [R]: 1-3)
@@ -202,7 +203,7 @@ def check_config(cfg):
              f"(got {getattr(cfg, name)})")
     for name in ("max_examples", "rl_max_examples", "rl_epochs", "patience", "codebook_size",
                  "sft_warmup", "rank_negs", "quant_beta", "threads", "lambda_con", "lambda_quant",
-                 "lambda_dpo", "beta_kl", "weight_decay", "grad_clip", "dropout"):
+                 "lambda_dpo", "lambda_usage", "beta_kl", "weight_decay", "grad_clip", "dropout"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 "
              f"(got {getattr(cfg, name)})")
     for name in ("lr", "sft_lr", "rl_lr", "tau", "tau_con", "beta_dpo", "rl_temp", "clip_eps"):
@@ -364,9 +365,10 @@ def residual_kmeans(vecs, levels, size, iters, seed):
     # Deviation: RQ-VAE (Spec §2.1) is replaced by RQ-k-means, which the spec allows (§9.3):
     # no training loop and deterministic, and it yields the same kind of hierarchical codes.
     n = vecs.shape[0]
-    # Reconstructed: codebook size ~ N^(1/m), so m levels can just address N items (the paper's
-    # 3 x 256 is for 25k items; 256 codes per level for 400 items would make every code unique).
-    k = size or min(256, max(2, math.ceil(n ** (1 / levels) - 1e-9)))
+    # Reconstructed: K = (8N)^(1/m) codes per level, so the m levels address ~8x more tuples
+    # than items (the paper's 3 x 256 serves ~25k items; with K^m ~ N even random codes would
+    # collide for a third of the items; 256 codes for 400 items would make every code unique).
+    k = size or min(256, max(2, math.ceil((8 * n) ** (1 / levels) - 1e-9)))
     k = min(k, n)
     gen = torch.Generator().manual_seed(seed)
     residual, codes = vecs.clone(), []
@@ -656,6 +658,17 @@ def quant_loss(r, c_o, beta):
     return F.mse_loss(r, c_o.detach()) + beta * F.mse_loss(c_o, r.detach())
 
 
+def usage_loss(r, codes):
+    """Spec §4.3 stability tip ("add a small entropy or usage penalty") [R]: KL(u_i || uniform),
+    u_i = the batch mean of the soft assignment softmax(-||c_k - r_i||^2) of residual r_i to
+    the codes, averaged over steps. 0 when the batch spreads evenly over all C codes; log C when
+    every residual picks one code. r (B, l, D), codes (C, D)."""
+    if r.shape[1] == 0:
+        return r.sum() * 0
+    u = (-torch.cdist(r, codes.expand(len(r), -1, -1)) ** 2).softmax(-1).mean(0)  # (l, C)
+    return (u * (u.clamp_min(1e-12).log() + math.log(codes.shape[0]))).sum(-1).mean()
+
+
 def dpo_loss(pol_w, pol_l, ref_w, ref_l, beta):
     """Spec §4.3.4 [R] (DPO, Rafailov et al. 2023): -log sigmoid(beta [(log pi(y_w) - log
     ref(y_w)) - (log pi(y_l) - log ref(y_l))]) over sequence log-probs (B,). Returns (loss, acc)."""
@@ -751,6 +764,7 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
                                                device=device, generator=gen):
             model.train()
             for name, v in step(hist, target, epoch).items():
+                v = v.detach() if torch.is_tensor(v) else v
                 sums[name] = sums.get(name, 0.0) + float(v) * len(target)
             n += len(target)
             if bench_steps and n >= bench_steps * batch_size:  # --benchmark: time steps only
@@ -896,7 +910,8 @@ def direct_negatives(direct, hist, target, n_items, gen):
 
 
 def stage2_sft(cfg, ds, sids, device, bench_steps=0):
-    """Stage 2: annotate traces online, then L = CE + l_con L_con + l_q L_quant + l_dpo L_DPO."""
+    """Stage 2: annotate traces online, then train on them with
+    L = CE + l_con L_con + l_quant L_quant + l_dpo L_DPO + l_usage L_usage."""
     if bench_steps:  # --benchmark: fresh weights cost the same time
         model, direct = new_model(cfg, sids, cfg.trace_len, device), new_model(cfg, sids, 0, device)
     else:
@@ -908,13 +923,13 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
     l = model.l
 
     def step(hist, target, epoch):
-        # ALGO LOGIC: online annotation (Spec §4.2 [R]) with dropout off: the labels are the
-        # current model's own deterministic inference; the losses use the training pass below.
-        model.eval()
-        with torch.no_grad():
-            o = stage2_annotate(model, model.encode(hist), target)[0]  # (B, l)
-        model.train()
         memory = model.encode(hist)
+        # ALGO LOGIC: online annotation (Spec §4.2 [R]), decoder dropout off: the labels are the
+        # current model's own inference; the losses use the training pass below.
+        model.eval()
+        frozen = dict(kv=[(k.detach(), v.detach()) for k, v in memory["kv"]], mask=memory["mask"])
+        o = stage2_annotate(model, frozen, target)[0]  # (B, l)
+        model.train()
         y = output_seq(model, o[:, None], target[:, None])  # (B, 1, T) = [o ; SID ; EOS]
         lp, d = teacher_forced(model, memory, y)
         tok = token_logp(lp, y)  # (B, 1, T)
@@ -928,6 +943,10 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
         s, r = annotation_states(model, d[:, 0, :l + 1], t)
         con = info_nce(s[:, 1:], t, target, cfg.tau_con)  # L_con (Spec §4.3.2), steps 1..l
         quant = quant_loss(r, model.emb(o), cfg.quant_beta)  # L_quant (Spec §4.3.3)
+        # Reconstructed: without this term the self-labelled traces collapse to one or two
+        # tokens within ~2 epochs (CE teaches the decoder its own labels, which moves the
+        # states that choose them); README "Stage 2 and trace collapse".
+        usage = usage_loss(r, model.emb.weight[FIRST_CODE:])
         dpo = acc = torch.zeros((), device=device)
         if cfg.lambda_dpo:  # L_DPO (Spec §4.3.4): chosen [o ; target], rejected [o ; direct's miss]
             neg = direct_negatives(direct, hist, target, ds.n_items, gen)
@@ -938,9 +957,14 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
                 ref_w = token_logp(teacher_forced(ref, rmem, y)[0], y).sum((1, 2))
                 ref_l = token_logp(teacher_forced(ref, rmem, y_l)[0], y_l).sum((1, 2))
             dpo, acc = dpo_loss(tok.sum((1, 2)), pol_l, ref_w, ref_l, cfg.beta_dpo)
-        loss = ce + cfg.lambda_con * con + cfg.lambda_quant * quant + cfg.lambda_dpo * dpo
+        loss = ce + cfg.lambda_con * con + cfg.lambda_quant * quant + cfg.lambda_dpo * dpo + \
+            cfg.lambda_usage * usage
         update(model, opt, loss, cfg, "stage2")
-        return dict(loss=loss, ce=ce, con=con, quant=quant, dpo=dpo, dpo_acc=acc)
+        # Spec §4.3 tip: watch code usage. Perplexity of the batch's o_i histogram, 1 = collapse.
+        p = torch.bincount(o.flatten(), minlength=model.emb.num_embeddings).float() / max(o.numel(), 1)
+        ppl = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+        return dict(loss=loss, ce=ce, con=con, quant=quant, usage=usage, dpo=dpo, dpo_acc=acc,
+                    o_ppl=ppl)
 
     return fit(cfg, "stage2", model, step, ds, sids, device, cfg.batch_size, cfg.epochs,
                cfg.max_examples, bench_steps)
