@@ -112,9 +112,9 @@ class Config:
     trace_len: int = 4  # l, thinking tokens (Spec §2.3: 4 Scientific, 6 Instruments)
     constrain_levels: bool = True  # SID positions may only emit their own level's codes (ours)
     # training, shared by the stages
-    epochs: int = 4  # epochs of base, stage 1 and stage 2
+    epochs: int = 3  # epochs of base, stage 1 and stage 2 (small: the default run takes minutes)
     batch_size: int = 256  # (prefix -> next item) examples per step (MTGRec: 256)
-    max_examples: int = 0  # cap on examples per epoch, a fresh random subset each epoch; 0 = all
+    max_examples: int = 12288  # examples per epoch, a fresh random subset each epoch; 0 = all
     lr: float = 1e-3  # AdamW learning rate of base and stage 1 (MTGRec ft config: 1e-3)
     weight_decay: float = 0.05  # AdamW weight decay (MTGRec: 0.05)
     grad_clip: float = 1.0  # max gradient norm
@@ -132,7 +132,7 @@ class Config:
     beta_dpo: float = 0.1  # DPO beta (ours; the usual DPO default)
     # stage 3: GRPO (Spec §4b)
     rl_epochs: int = 2  # RL epochs (Spec §4b [R]: 1-3)
-    rl_max_examples: int = 2048  # histories per RL epoch, a fresh random subset; 0 = all
+    rl_max_examples: int = 1024  # histories per RL epoch, a fresh random subset; 0 = all
     rl_batch: int = 32  # histories per RL step
     group_size: int = 8  # G, rollouts per history (Spec §4b [R]: 8-16)
     rl_lr: float = 1e-4  # AdamW learning rate (Spec §4b [R]: 1e-5..1e-4 for a tiny model)
@@ -158,6 +158,7 @@ class Config:
     threads: int = 0  # CPU threads for torch; 0 = torch's default (1 is faster on a busy machine)
     out: str = "runs/stream_rec"  # folder of checkpoints and results.json
     resume: bool = False  # skip stages whose finished checkpoint is already in --out
+    eval_only: bool = False  # only evaluate the saved checkpoints of --stages; writes DIR/eval.json
     benchmark: bool = False  # time each stage's steps and the decoding instead of training
     benchmark_steps: int = 20  # training steps timed per stage by --benchmark
 
@@ -938,6 +939,9 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
         if epoch <= cfg.sft_warmup:
             weight[:l] = 0
         ce = ce_loss(tok, weight)  # L_SFT (Spec §4.3.1)
+        sid_w = model.choice.float().clone()
+        sid_w[:l] = 0  # diagnostics: the CE of the thinking tokens and of the SID tokens apart
+        ce_sid, ce_think = ce_loss(tok, sid_w).detach(), ce_loss(tok, model.choice.float() - sid_w).detach()
         # Note: causal decoding makes d_j of this pass the states the loop saw (up to dropout).
         t = target_repr(model, target)
         s, r = annotation_states(model, d[:, 0, :l + 1], t)
@@ -963,8 +967,8 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
         # Spec §4.3 tip: watch code usage. Perplexity of the batch's o_i histogram, 1 = collapse.
         p = torch.bincount(o.flatten(), minlength=model.emb.num_embeddings).float() / max(o.numel(), 1)
         ppl = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
-        return dict(loss=loss, ce=ce, con=con, quant=quant, usage=usage, dpo=dpo, dpo_acc=acc,
-                    o_ppl=ppl)
+        return dict(loss=loss, ce=ce, ce_think=ce_think, ce_sid=ce_sid, con=con, quant=quant,
+                    usage=usage, dpo=dpo, dpo_acc=acc, o_ppl=ppl)
 
     return fit(cfg, "stage2", model, step, ds, sids, device, cfg.batch_size, cfg.epochs,
                cfg.max_examples, bench_steps)
@@ -1169,6 +1173,15 @@ def main(argv=None) -> dict:
             res = dict(config=dataclasses.asdict(cfg), dataset=ds.stats, device=str(device),
                        torch=torch.__version__, benchmark=benchmark(cfg, ds, sids, device, keys))
             save_atomic(res, os.path.join(cfg.out, "benchmark.json"))
+            return res
+        if cfg.eval_only:  # e.g. another --trace-decode or beam size for trained stages
+            res = dict(config=dataclasses.asdict(cfg), dataset=ds.stats)
+            for key in keys:
+                model = load_stage(cfg, key, sids, device, "--eval-only")[0]
+                res[key] = dict(valid=evaluate_split(cfg, model, ds.valid, cfg.beam_valid, device),
+                                test=evaluate_split(cfg, model, ds.test, cfg.beam_test, device))
+                print(f"{key} valid {fmt_metrics(res[key]['valid'])}\n{key} TEST  {fmt_metrics(res[key]['test'])}")
+            save_atomic(res, os.path.join(cfg.out, "eval.json"))
             return res
         path = os.path.join(cfg.out, "results.json")
         old = {}
