@@ -320,6 +320,8 @@ def text_features(item_text, dim, seed):
 def cooc_features(train, n_items, window, dim, seed):
     """Collaborative item vectors from TRAINING sequences only: windowed co-occurrence counts
     -> positive PMI -> SVD. (Valid/test targets never leak into the semantic IDs.)"""
+    # Reconstructed: the paper quantises text embeddings only; data without titles (SASRec's
+    # ml-1m.txt) needs a text-free item vector, and co-occurrence is the standard one.
     lens = train.lengths()
     row = np.repeat(np.arange(len(train)), lens)  # (n,) sequence of each training position
     pos = np.repeat(train.starts, lens) + np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
@@ -378,8 +380,8 @@ def residual_kmeans(vecs, levels, size, iters, seed):
         codes.append(c)
         residual = residual - centres[c]  # what the next level has to explain
     codes = torch.stack(codes, 1)  # (N, m)
-    # De-duplication digit: 0, 1, 2, ... in item-id order inside each group of equal codes
-    # (MTGRec's conflict digit; Spec §2.1 [R]).
+    # Reconstructed: the de-duplication digit (MTGRec's conflict codebook, Spec §2.1 [R]) numbers
+    # the items of one code tuple 0, 1, 2, ... in item-id order (deterministic, meaning-free).
     key = (codes * torch.tensor([k ** (levels - 1 - j) for j in range(levels)])).sum(1)  # (N,)
     order = torch.argsort(key, stable=True)
     sk = key[order]
@@ -489,6 +491,7 @@ class DecoderLayer(nn.Module):
 
 class ResidualMLP(nn.Module):
     """x + W2 gelu(W1 x), W2 = 0 at init: starts as the identity (Spec §2.4 [R])."""
+    # Reconstructed: MLP_r / MLP_s are "small MLPs"; the identity start makes r_1 = t - d_0.
 
     def __init__(self, d):
         super().__init__()
@@ -513,6 +516,7 @@ class StreamRec(nn.Module):
                          n_heads=n_heads, d_ff=d_ff, enc_layers=enc_layers, dec_layers=dec_layers,
                          dropout=dropout, tau=tau, constrain_levels=constrain_levels)  # = model_args()
         M = len(sizes)
+        # Reconstructed (Spec §1): the output is l thinking tokens, the M SID tokens and EOS.
         self.l, self.M, self.T, self.tau = trace_len, M, trace_len + M + 1, tau
         offsets = FIRST_CODE + torch.tensor([0] + sizes[:-1]).cumsum(0)  # (M,) first token of each level
         V = FIRST_CODE + sum(sizes)
@@ -558,6 +562,8 @@ class StreamRec(nn.Module):
             nn.init.normal_(e.weight, std=d_model ** -0.25)
 
     def encode(self, hist):  # (B, L) item ids -> encoder memory for every decoder layer
+        # Deviation: no hashed user token in front (MTGRec has one); the shared protocol hands
+        # the model histories only, as it does for ReaRec.
         tok = self.item_tokens[hist].flatten(1)  # (B, S) SID tokens of the history, PAD-padded
         x = self.drop(self.emb(tok) + self.enc_pos.weight[:tok.shape[1]])  # (B, S, D)
         mask = (tok != PAD_TOK)[:, None, None, :]  # (B, 1, 1, S) padding is never attended
@@ -601,6 +607,8 @@ def model_args(cfg, sids, trace_len):
 
 
 def new_model(cfg, sids, trace_len, device):
+    # Deviation: dropout defaults to 0 (TIGER: 0.1): the CPU budgets here underfit, and dropout
+    # costs ~40% of a CPU step. --dropout 0.1 restores it.
     torch.manual_seed(cfg.seed + trace_len)  # the init does not depend on what ran before
     return StreamRec(sids["codes"], **model_args(cfg, sids, trace_len)).to(device)
 
@@ -624,6 +632,9 @@ def token_logp(lp, y):  # (B, W, T, V), (B, W, T) -> log P of each chosen token 
 
 def target_repr(model, items):
     """Spec §4.2 [R]: t = stop-grad(sum of the target SID's token embeddings), (..., D)."""
+    # Reconstructed: the paper's "target behaviour representation" is not specified. The sum of
+    # the target's code embeddings keeps t, s_i and c_k in one space; detached, so the losses
+    # move the states toward t and never t toward the states (a target that chases the guess).
     return model.emb(model.item_tokens[items]).sum(-2).detach()
 
 
@@ -640,6 +651,8 @@ def ce_loss(tok_lp, weight):
 def info_nce(s, t, items, tau):
     """Spec §4.3.2 [R]: L_con = mean_i InfoNCE(s_i, t) with cosine similarity / tau_c and the
     other targets of the batch as negatives. s (B, l, D), t (B, D), items (B,)."""
+    # Reconstructed: the note only names the loss ("the state converges step by step to the
+    # target"); in-batch InfoNCE with cosine similarity, averaged over the steps, is our form.
     B, l, _ = s.shape
     if l == 0:
         return s.sum() * 0
@@ -654,6 +667,8 @@ def info_nce(s, t, items, tau):
 def quant_loss(r, c_o, beta):
     """Spec §4.3.3 [R]: L_quant = ||sg(c_o) - r||^2 + beta ||c_o - sg(r)||^2 (VQ style), mean
     over dimensions, steps and cases. beta = 0 keeps the token embeddings out of it."""
+    # Reconstructed: VQ commitment form; the codebook half is off by default (quant_beta = 0)
+    # because c_k are the shared token embeddings, which CE already trains.
     if r.shape[1] == 0:
         return r.sum() * 0
     return F.mse_loss(r, c_o.detach()) + beta * F.mse_loss(c_o, r.detach())
@@ -673,6 +688,8 @@ def usage_loss(r, codes):
 def dpo_loss(pol_w, pol_l, ref_w, ref_l, beta):
     """Spec §4.3.4 [R] (DPO, Rafailov et al. 2023): -log sigmoid(beta [(log pi(y_w) - log
     ref(y_w)) - (log pi(y_l) - log ref(y_l))]) over sequence log-probs (B,). Returns (loss, acc)."""
+    # Reconstructed: standard DPO on whole-output log-probs. Chosen and rejected share the trace,
+    # so only their SID tokens differ and the trace terms cancel in the margin.
     margin = beta * ((pol_w - ref_w) - (pol_l - ref_l))  # (B,)
     return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
 
@@ -693,6 +710,8 @@ def grpo_loss(lp, old_lp, ref_lp, adv, clip_eps, beta, weight):
     """Spec §4b: GRPO = PPO-clip with group-normalised advantages, minus a KL penalty.
     loss = mean_tokens [ -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta KL_k3 ],
     rho = pi(y_t) / pi_old(y_t). lp, old_lp, ref_lp (B, G, T); adv (B, G); weight (T,)."""
+    # Reconstructed: the note names GRPO only; this is DeepSeekMath's form (sequence advantage on
+    # every token, token-mean loss, k3 KL in the loss rather than in the reward).
     rho = (lp - old_lp).exp()
     A = adv[..., None]  # the sequence's advantage, broadcast over its tokens
     pg = -torch.minimum(rho * A, rho.clamp(1 - clip_eps, 1 + clip_eps) * A)
@@ -770,7 +789,7 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
             n += len(target)
             if bench_steps and n >= bench_steps * batch_size:  # --benchmark: time steps only
                 return dict(examples_per_s=round(n / (time.time() - t0), 1), steps=bench_steps)
-            if max_examples and n >= max_examples:
+            if max_examples and n >= max_examples:  # Deviation: CPU budget, README records it
                 break
         speed = n / (time.time() - t0)
         speeds.append(speed)
@@ -801,6 +820,7 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
 
 
 def adamw(model, lr, cfg):
+    # Deviation: a constant learning rate (MTGRec: warm-up + cosine); few epochs, one knob less.
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
 
 
@@ -852,7 +872,8 @@ def stage1_pretrain(cfg, ds, sids, device, bench_steps=0):
     l = cfg.trace_len
     model = new_model(cfg, sids, l, device)
     opt = adamw(model, cfg.lr, cfg)
-    # Reconstructed (Spec §3.3): q = l, the first l tokens of the SIDs of the ceil(l/M) nearest
+    # Reconstructed (Spec §3.3): neighbours by cosine of the item vectors the SIDs come from;
+    # q = l, the first l tokens of the SIDs of the ceil(l/M) nearest
     # items (far to near), so stage 1 has exactly the stage-2 output layout.
     near = neighbours(sids["vectors"], max(1, math.ceil(l / model.M))).to(device)  # (N+1, k)
 
@@ -884,7 +905,9 @@ def stage2_annotate(model, memory, target):
     Returns o (B, l) token ids, s (B, l+1, D), r (B, l, D)."""
     B, l = len(target), model.l
     t = target_repr(model, target)  # (B, D)
-    codes = model.emb.weight[FIRST_CODE:]  # (C, D) every code token of every level (Spec §4.2)
+    # Reconstructed (Spec §4.2): o_i may be any code token of any level, nearest in L2 to r_i
+    # against the shared embedding matrix; d_j = the decoder's output state at position j.
+    codes = model.emb.weight[FIRST_CODE:]  # (C, D)
     # Reconstructed (Spec §4.2): d_0 = the decoder state at the start token, the "fast" guess.
     d, cache = model.decode(memory, torch.full((B, 1, 1), BOS, device=target.device))
     acc = d[:, 0, 0]  # (B, D) running sum of d_j
@@ -904,6 +927,7 @@ def stage2_annotate(model, memory, target):
 def direct_negatives(direct, hist, target, n_items, gen):
     """Spec §4.3.4 [R]: the rejected item is the direct model's greedy top-1 when it is wrong;
     when it is right (or not an item) a random other item stands in."""
+    # Reconstructed: "contrast with the direct recommender": its wrong guess is the hard negative.
     top1 = beam_search(direct, hist, 1)[0]  # (B, 1, T)
     pred = direct.tokens_to_items(top1[:, 0, :direct.M])  # (B,)
     other = random_other(target, n_items, (1,), gen)[:, 0]
@@ -918,7 +942,8 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
     else:
         model, _ = load_stage(cfg, "stage1", sids, device, "stage 2")  # Spec §3.4: stage 1 inits
         direct = load_stage(cfg, "base", sids, device, "stage 2 (DPO)")[0] if cfg.lambda_dpo else None
-    ref = copy.deepcopy(model).eval().requires_grad_(False)  # DPO reference: frozen stage-2 start
+    # Reconstructed: the DPO reference is the policy frozen at the start of stage 2 (= stage 1).
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
     opt = adamw(model, cfg.sft_lr, cfg)
     gen = torch.Generator(device=device).manual_seed(stage_seed(cfg, "stage2"))
     l = model.l
@@ -934,7 +959,8 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
         y = output_seq(model, o[:, None], target[:, None])  # (B, 1, T) = [o ; SID ; EOS]
         lp, d = teacher_forced(model, memory, y)
         tok = token_logp(lp, y)  # (B, 1, T)
-        # Stability tip (Spec §4.3): the first epochs train CE on the target tokens only.
+        # Reconstructed (Spec §4.3 stability tip): the first sft_warmup epochs train CE on the
+        # target tokens only; labels from untrained MLPs are noise.
         weight = model.choice.float().clone()
         if epoch <= cfg.sft_warmup:
             weight[:l] = 0
@@ -998,6 +1024,7 @@ def stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, n_items, gen
     l, M = policy.l, policy.M
     sid, tgt = y[..., l:l + M], policy.item_tokens[target][:, None]  # (B, G, M), (B, 1, M)
     valid = (policy.tokens_to_items(sid) > 0) & (y[..., l + M] == EOS)
+    # Reconstructed: the note names the five rewards; every formula below is ours (Spec §4b).
     fmt = -(~valid).float()  # 1. format: -1 unless the output parses to an item
     match = (sid == tgt).long().cumprod(-1).sum(-1) / M  # 2. exact-match prefix / M, 1 = hit
     t = target_repr(policy, target)[:, None]  # (B, 1, D)
@@ -1015,7 +1042,7 @@ def stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, n_items, gen
             y0 = output_seq(direct, hist[:, None, :0], target[:, None])  # (B, 1, M+1)
             direct_lp = token_logp(teacher_forced(direct, direct.encode(hist), y0)[0], y0).sum((1, 2))
             lik = torch.tanh((score[..., 0] - direct_lp[:, None]) / M)
-        if cfg.w_rank:  # 5. rank of the target among the negatives: 1 - (rank - 1) / N
+        if cfg.w_rank:  # 5. rank of the target among N uniform random negatives: 1 - (rank-1)/N
             rank = 1 - (score[..., 1:] > score[..., :1]).float().sum(-1) / (C - 1)
     return torch.stack([fmt, match, sim, lik, rank], -1)
 
@@ -1071,6 +1098,8 @@ def beam_search(model, hist, beam, greedy_trace=False):
     """Keep the `beam` most probable partial outputs per history, all histories at once.
     Returns tokens (B, W, T) and log-probs (B, W), best first; -inf marks a dead beam (fewer
     than `beam` possible outputs). greedy_trace: width 1 over the l thinking positions."""
+    # Reconstructed (Spec §2.5, §7.13): one beam over the whole trace + SID (the MTGRec-style
+    # default); --trace-decode greedy is the alternative the spec names.
     memory = model.encode(hist)
     B, dev = hist.shape[0], hist.device
     inp, cache = torch.full((B, 1, 1), BOS, device=dev), None
@@ -1095,6 +1124,7 @@ def beams_to_items(model, seqs, score):
     items = model.tokens_to_items(seqs[..., l:l + M])  # (B, W)
     items = torch.where((seqs[..., l + M] == EOS) & torch.isfinite(score), items, 0)
     invalid = int(((items == 0) & torch.isfinite(score)).sum())
+    # Reconstructed (Spec §2.5): beams of one item collapse onto the best one (max, not sum).
     dup = torch.triu(items[:, :, None] == items[:, None, :], diagonal=1).any(1)  # seen before
     items = torch.where(dup, 0, items)
     order = torch.argsort((items == 0).long(), dim=1, stable=True)  # keeps the score order
