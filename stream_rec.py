@@ -718,8 +718,9 @@ def grpo_loss(lp, old_lp, ref_lp, adv, clip_eps, beta, weight):
     kl = kl_k3(lp, ref_lp)
     n = weight.sum() * lp.shape[0] * lp.shape[1]
     loss = ((pg + beta * kl) * weight).sum() / n
-    clipped = ((rho - 1).abs() > clip_eps).float()
-    return loss, dict(kl=float((kl * weight).sum() / n), clip_frac=float((clipped * weight).sum() / n))
+    clipped = ((rho.detach() - 1).abs() > clip_eps).float()
+    return loss, dict(kl=float((kl.detach() * weight).sum() / n),
+                      clip_frac=float((clipped * weight).sum() / n))
 
 
 def update(model, opt, loss, cfg, stage):
@@ -1144,7 +1145,9 @@ def evaluate_split(cfg, model, split, beam, device):
         usage.index_add_(0, seqs[:, 0, :model.l].flatten(), torch.ones(hist.shape[0] * model.l, device=device))
         count["invalid"] += invalid
         count["beams"] += int(torch.isfinite(score).sum())
-        return items
+        # Note: data.rank_metrics indexes past its tables when a list is shorter than the
+        # largest cut-off (20), so short lists (beam < 20) are padded with empty (PAD) slots.
+        return F.pad(items, (0, max(0, max(data.KS) - items.shape[1])), value=data.PAD)
 
     m = data.evaluate(score_fn, split, cfg.max_len, device=device, batch_size=cfg.eval_batch,
                       mask_history=cfg.mask_history)

@@ -706,7 +706,7 @@ def test_tiny_run_writes_valid_results_json(tiny_run):
             m = saved[key][split]
             assert set(m) >= {f"{n}@{k}" for n in ("recall", "ndcg") for k in (5, 10, 20)}
             assert all(0 <= m[f"recall@{k}"] <= 1 for k in (5, 10, 20))
-        assert saved[key]["wall_s"] > 0 and saved[key]["history"][0]["train"]["loss"] > 0
+        assert saved[key]["wall_s"] >= 0 and math.isfinite(saved[key]["history"][0]["train"]["loss"])
     assert {"con", "quant", "dpo"} <= set(saved["stage2"]["history"][0]["train"])
     assert {"r_format", "r_match", "r_sim", "r_lik", "r_rank", "kl", "clip_frac", "entropy"} <= \
         set(saved["stage3"]["history"][0]["train"])
@@ -723,7 +723,8 @@ def test_each_stage_loads_the_previous_checkpoint_and_reruns_alone(tiny_run):
     assert strip_times(again["stage2"]) == strip_times(res["stage2"])
     assert strip_times(again["stage3"]) == strip_times(res["stage3"])
     skipped = sr.main(tiny_args(root / "a", "--resume"))  # everything finished: nothing reruns
-    assert strip_times(skipped) == strip_times(res)
+    for key in ("base", "stage1", "stage2", "stage3"):
+        assert strip_times(skipped[key]) == strip_times(json.loads(json.dumps(res[key])))
     with pytest.raises(SystemExit) as e:  # a later stage alone, its input missing
         sr.main(tiny_args(root / "empty", "--stages", "3"))
     assert "stage2.pt" in str(e.value) and "--stages 2" in str(e.value)
@@ -741,14 +742,17 @@ def test_same_seed_same_result(tiny_run):
     assert strip_times(seed1["base"]) != strip_times(res["base"])
 
 
-def test_baseline_learns_the_synthetic_data():
+def test_baseline_learns_the_synthetic_data(tmp_path):
+    """The direct model (TIGER, l = 0) must find the planted topic/stride structure."""
     ds = data.load_dataset("synthetic", verbose=False)
     pop = torch.from_numpy(np.bincount(ds.train.items, minlength=ds.n_items + 1)).double()
     popularity = data.evaluate(lambda h: pop.expand(len(h), -1), ds.valid, 20)
-    res = sr.main(["--stages", "base", "--out", str(Path(write_tmp("")).parent / "stream_base"),
+    res = sr.main(["--stages", "base", "--out", str(tmp_path),
                    "--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--enc-layers", "1",
                    "--dec-layers", "1", "--max-len", "3", "--epochs", "2", "--max-examples", "16384",
                    "--lr", "3e-3", "--beam-valid", "10", "--beam-test", "20", "--threads", "1"])
+    print("popularity", popularity["recall@10"], "base", res["base"]["valid"]["recall@10"],
+          res["base"]["test"]["recall@10"])
     assert res["base"]["valid"]["recall@10"] > 4 * popularity["recall@10"]
     assert res["base"]["test"]["recall@10"] > 0.2
 
