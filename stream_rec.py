@@ -14,7 +14,8 @@ target item's SID. Three training stages teach it to think before it answers:
              it, and it is the "direct model" of the DPO loss and the likelihood reward.
     stage 1  pretraining on synthesized long targets: similar items' codes, then the target.
     stage 2  iterative-inference annotation of reasoning traces, then fine-tuning on them
-             (cross-entropy + state-target contrastive + quantisation + DPO).
+             (cross-entropy + state-target contrastive + quantisation + DPO, plus a code-usage
+             penalty that keeps the self-labelled traces from collapsing).
     stage 3  reinforcement learning with GRPO and five rewards.
 
 Implements: item features (TF-IDF+SVD of titles, or PPMI co-occurrence+SVD) and residual
@@ -29,11 +30,13 @@ Omits: the pretrained text encoder and the RQ-VAE (no downloads offline: TF-IDF/
 
 Run
     python stream_rec.py                                  # synthetic data, all stages, CPU, minutes
-    python stream_rec.py --stages base,1 --trace-len 6    # some stages only
+    python stream_rec.py --stages base,1 --trace-len 6    # some stages only (paper order)
     python stream_rec.py --stages 3 --out runs/stream_rec # rerun stage 3 from the saved stage 2
-    python stream_rec.py --dataset ml-1m --data-dir DIR --epochs 8 --max-examples 200000
+    python stream_rec.py --resume                         # skip the stages already finished
+    python stream_rec.py --stages 3 --eval-only --trace-decode greedy   # re-evaluate a stage
+    python stream_rec.py --dataset ml-1m --data-dir DIR --epochs 5 --max-examples 100000
     python stream_rec.py --benchmark --dataset ml-1m --data-dir DIR    # timings, peak memory
-    Paper-size backbone: --d-model 128 --d-ff 512 --enc-layers 3 --dec-layers 3
+    Paper-size backbone: --d-model 128 --d-ff 512 --enc-layers 3 --dec-layers 3 --dropout 0.1
 
 Notation (paper -> code)
     i_1..i_n, i_{n+1}    history `hist` (B, L) item ids, `target` (B,)
@@ -45,7 +48,9 @@ Notation (paper -> code)
     d_j                  decoder output state at position j (`d`), j = 0 is the start token
     s_i, r_i, t          state MLP_s(sum_{j<=i} d_j), residual MLP_r(t - s_{i-1}), target repr.
     q                    length of the stage-1 synthetic prefix (= l here)
-    G, A, eps, beta      GRPO group size, advantage, clip range, KL weight
+    lambda_*, tau_c      stage-2 loss weights `lambda_con` ..., InfoNCE temperature `tau_con`
+    G, R, A, eps, beta   GRPO group size, reward sum_k w_k r_k, advantage, clip range `clip_eps`,
+                         KL weight `beta_kl`
 Shapes: B histories, L = max_len history items, M SID tokens per item, S = L*M encoder tokens,
     T = l + M + 1 decoder positions (trace, SID, EOS), W sequences per history (beams,
     rollouts, candidates), D = d_model, V vocabulary, N items, F item-feature dimension.
@@ -394,8 +399,7 @@ def residual_kmeans(vecs, levels, size, iters, seed):
     sizes = [k] * levels + [int(dedup.max()) + 1]
     report = dict(sizes=sizes, used_per_level=[int(codes[:, j].unique().numel()) for j in range(levels)],
                   items_with_dedup_digit=int((dedup > 0).sum()),
-                  colliding_prefixes=int((first & torch.cat([~first[1:], torch.tensor([False])])).sum()),
-                  largest_collision=sizes[-1])
+                  colliding_prefixes=int((dedup == 1).sum()))  # each shared tuple has one digit 1
     return codes, sizes, report
 
 
