@@ -579,7 +579,7 @@ def test_annotation_loop_matches_slow_restatement_of_spec_4_1():
                 break
             r_next = model.mlp_r(t - s_i)  # r_{i+1} = MLP_r(t - s_i)
             assert torch.allclose(r_next, r[b, i], atol=1e-5)
-            dist = {tok: float(((E[tok] - r_next) ** 2).sum()) for tok in range(sr.FIRST_CODE, len(E))}
+            dist = {tok: float(((E[tok] - r_next.detach()) ** 2).sum()) for tok in range(sr.FIRST_CODE, len(E))}
             best = min(dist, key=dist.get)  # o = argmin_k ||c_k - r||
             assert int(o[b, i]) == best
             seq.append(best)
