@@ -119,7 +119,7 @@ class Config:
     # training, shared by the stages
     epochs: int = 3  # epochs of base, stage 1 and stage 2 (small: the default run takes minutes)
     batch_size: int = 256  # (prefix -> next item) examples per step (MTGRec: 256)
-    max_examples: int = 12288  # examples per epoch, a fresh random subset each epoch; 0 = all
+    max_examples: int = 8192  # examples per epoch, a fresh random subset each epoch; 0 = all
     lr: float = 1e-3  # AdamW learning rate of base and stage 1 (MTGRec ft config: 1e-3)
     weight_decay: float = 0.05  # AdamW weight decay (MTGRec: 0.05)
     grad_clip: float = 1.0  # max gradient norm
@@ -137,12 +137,12 @@ class Config:
     beta_dpo: float = 0.1  # DPO beta (ours; the usual DPO default)
     # stage 3: GRPO (Spec §4b)
     rl_epochs: int = 2  # RL epochs (Spec §4b [R]: 1-3)
-    rl_max_examples: int = 1024  # histories per RL epoch, a fresh random subset; 0 = all
+    rl_max_examples: int = 512  # histories per RL epoch, a fresh random subset; 0 = all
     rl_batch: int = 32  # histories per RL step
     group_size: int = 8  # G, rollouts per history (Spec §4b [R]: 8-16)
-    rl_lr: float = 1e-4  # AdamW learning rate (Spec §4b [R]: 1e-5..1e-4 for a tiny model)
+    rl_lr: float = 2e-5  # AdamW learning rate (Spec §4b [R]: 1e-5..5e-5, "up to 1e-4")
     clip_eps: float = 0.2  # eps, PPO clip range (Spec §4b)
-    beta_kl: float = 0.02  # beta, weight of the k3 KL to the stage-2 reference (Spec §4b)
+    beta_kl: float = 0.04  # beta, weight of the k3 KL to the stage-2 reference (Spec §4b: .01-.04)
     rl_inner: int = 2  # policy updates per batch of rollouts (Spec §4b: 1-2)
     rl_temp: float = 1.0  # sampling temperature of the rollouts (Spec §4b)
     w_format: float = 1.0  # weight of the format reward (Spec §4b.1)
