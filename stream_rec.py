@@ -947,6 +947,8 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
     else:
         model, _ = load_stage(cfg, "stage1", sids, device, "stage 2")  # Spec §3.4: stage 1 inits
         direct = load_stage(cfg, "base", sids, device, "stage 2 (DPO)")[0] if cfg.lambda_dpo else None
+    if direct is not None:  # frozen, no dropout
+        direct.eval().requires_grad_(False)
     # Reconstructed: the DPO reference is the policy frozen at the start of stage 2 (= stage 1).
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     opt = adamw(model, cfg.sft_lr, cfg)
@@ -1063,6 +1065,8 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
         policy, _ = load_stage(cfg, "stage2", sids, device, "stage 3")
         direct = load_stage(cfg, "base", sids, device, "stage 3 (likelihood reward)")[0] \
             if cfg.w_lik else None
+    if direct is not None:  # frozen, no dropout
+        direct.eval().requires_grad_(False)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     opt = adamw(policy, cfg.rl_lr, cfg)
     gen = torch.Generator(device=device).manual_seed(stage_seed(cfg, "stage3"))
