@@ -760,7 +760,7 @@ def load_stage(cfg, key, sids, device, needed_by):
         flag = {v: k for k, v in STAGES.items()}[key]
         raise RunError(f"{needed_by} starts from the {key} checkpoint {path}, which does not exist; "
                        f"run --stages {flag} first with the same --out (or include it in --stages)")
-    ck = torch.load(path, map_location=device, weights_only=True)
+    ck = torch.load(path, map_location="cpu", weights_only=True)  # SIDs are compared on CPU
     if not torch.equal(ck["semantic_ids"]["codes"], sids["codes"]):
         raise RunError(f"{path} was trained with other semantic IDs (different data, --features, "
                        f"--levels, --codebook-size or --seed); use the same flags or a new --out")
