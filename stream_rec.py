@@ -410,12 +410,19 @@ def build_semantic_ids(cfg, ds):
     if kind == "text" and not ds.item_text:
         raise RunError(f"--features text needs item titles, but {ds.name} has no metadata; "
                        f"use --features cooc (or auto)")
-    if kind == "text":
-        vecs = text_features(ds.item_text, cfg.feature_dim, cfg.seed)  # (N, F)
-    else:
-        vecs = cooc_features(ds.train, ds.n_items, cfg.cooc_window, cfg.feature_dim, cfg.seed)
-    codes, sizes, report = residual_kmeans(vecs, cfg.levels, cfg.codebook_size, cfg.kmeans_iters,
-                                           cfg.seed)
+    # Note: k-means is thousands of tiny ops; on a busy machine a second thread makes each of
+    # them wait for a descheduled peer (50-100x slower), so the build runs on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if kind == "text":
+            vecs = text_features(ds.item_text, cfg.feature_dim, cfg.seed)  # (N, F)
+        else:
+            vecs = cooc_features(ds.train, ds.n_items, cfg.cooc_window, cfg.feature_dim, cfg.seed)
+        codes, sizes, report = residual_kmeans(vecs, cfg.levels, cfg.codebook_size,
+                                               cfg.kmeans_iters, cfg.seed)
+    finally:
+        torch.set_num_threads(threads)
     report.update(features=kind, feature_dim=vecs.shape[1], build_s=round(time.time() - t0, 2))
     pad = torch.zeros(1, codes.shape[1], dtype=torch.long)
     print(f"semantic IDs: {ds.n_items} items from {kind} features (F={vecs.shape[1]}) | codes per "
