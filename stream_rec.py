@@ -203,11 +203,11 @@ def check_config(cfg):
             raise RunError(msg)
     need(cfg.trace_len >= 0, f"--trace-len must be >= 0 (got {cfg.trace_len})")
     for name in ("levels", "max_len", "feature_dim", "d_model", "n_heads", "d_ff", "enc_layers",
-                 "dec_layers", "epochs", "batch_size", "rl_batch", "beam_valid", "beam_test",
+                 "dec_layers", "epochs", "rl_epochs", "batch_size", "rl_batch", "beam_valid", "beam_test",
                  "eval_batch", "kmeans_iters", "cooc_window", "benchmark_steps"):
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 "
              f"(got {getattr(cfg, name)})")
-    for name in ("max_examples", "rl_max_examples", "rl_epochs", "patience", "codebook_size",
+    for name in ("max_examples", "rl_max_examples", "patience", "codebook_size",
                  "sft_warmup", "rank_negs", "quant_beta", "threads", "lambda_con", "lambda_quant",
                  "lambda_dpo", "lambda_usage", "beta_kl", "weight_decay", "grad_clip", "dropout"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 "
