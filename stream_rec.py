@@ -1114,8 +1114,8 @@ def beam_search(model, hist, beam, greedy_trace=False):
     """Keep the `beam` most probable partial outputs per history, all histories at once.
     Returns tokens (B, W, T) and log-probs (B, W), best first; -inf marks a dead beam (fewer
     than `beam` possible outputs). greedy_trace: width 1 over the l thinking positions."""
-    # Reconstructed (Spec §2.5, §7.13): one beam over the whole trace + SID (the MTGRec-style
-    # default); --trace-decode greedy is the alternative the spec names.
+    # Reconstructed (Spec §2.5, §7.13): one beam over the whole trace + SID (the spec's
+    # recommendation); --trace-decode greedy is the alternative it names.
     memory = model.encode(hist)
     B, dev = hist.shape[0], hist.device
     inp, cache = torch.full((B, 1, 1), BOS, device=dev), None
@@ -1164,6 +1164,8 @@ def evaluate_split(cfg, model, split, beam, device):
         # largest cut-off (20), so short lists (beam < 20) are padded with empty (PAD) slots.
         return F.pad(items, (0, max(0, max(data.KS) - items.shape[1])), value=data.PAD)
 
+    # Note: data.evaluate removes the case's history items from the lists (the shared protocol,
+    # --mask-history); a beam that ends in a seen item is then wasted, so beams are wider than 20.
     m = data.evaluate(score_fn, split, cfg.max_len, device=device, batch_size=cfg.eval_batch,
                       mask_history=cfg.mask_history)
     p = usage[usage > 0] / usage.sum().clamp(min=1)
