@@ -1,9 +1,1266 @@
-"""Placeholder: stream_rec.py lands with its own issue."""
+"""STREAM-Rec: slow thinking for sequential recommendation, in one readable file.
+
+Junjie Zhang, Beichen Zhang, Wenqi Sun, Hongyu Lu, Wayne Xin Zhao, Yu Chen, Ji-Rong Wen.
+"Slow Thinking for Sequential Recommendation". arXiv:2504.09627v1 (April 2025).
+No official code was public when this file was written. The paper's method section is known
+only through secondary sources, so every choice the paper leaves open is marked
+`# Reconstructed:` (with the reading chosen and why) and listed in the README's STREAM-Rec table.
+
+STREAM-Rec is a TIGER-style *generative* recommender. Every item becomes a short tuple of
+discrete codes, its semantic ID (SID). An encoder-decoder Transformer reads the SID tokens of
+the user's history and writes l "thinking" tokens (codes from the same vocabulary) before the
+target item's SID. Three training stages teach it to think before it answers:
+    base     the direct recommender: l = 0, cross-entropy (TIGER). Every stage is compared to
+             it, and it is the "direct model" of the DPO loss and the likelihood reward.
+    stage 1  pretraining on synthesized long targets: similar items' codes, then the target.
+    stage 2  iterative-inference annotation of reasoning traces, then fine-tuning on them
+             (cross-entropy + state-target contrastive + quantisation + DPO, plus a code-usage
+             penalty that keeps the self-labelled traces from collapsing).
+    stage 3  reinforcement learning with GRPO and five rewards.
+
+Implements: item features (TF-IDF+SVD of titles, or PPMI co-occurrence+SVD) and residual
+    k-means semantic IDs with a de-duplication digit; a small T5-like encoder-decoder with tied
+    embeddings, a KV cache and the annotation MLPs; the four training stages above with every
+    loss / reward term behind a weight flag; batched beam search with invalid-SID dropping and
+    duplicate merging, scored by data.py's shared full-ranking protocol; stage checkpoints,
+    --resume, and a --benchmark mode.
+Omits: the pretrained text encoder and the RQ-VAE (no downloads offline: TF-IDF/co-occurrence
+    vectors and RQ-k-means stand in), T5's relative position bias, the hashed user token,
+    learning-rate schedules, and the spec's ablation grid (run it with the weight flags).
+
+Run
+    python stream_rec.py                                  # synthetic data, all stages, CPU, minutes
+    python stream_rec.py --stages base,1 --trace-len 6    # some stages only (paper order)
+    python stream_rec.py --stages 3 --out runs/stream_rec # rerun stage 3 from the saved stage 2
+    python stream_rec.py --resume                         # skip the stages already finished
+    python stream_rec.py --stages 3 --eval-only --trace-decode greedy   # re-evaluate a stage
+    python stream_rec.py --dataset ml-1m --data-dir DIR --epochs 5 --max-examples 100000
+    python stream_rec.py --benchmark --dataset ml-1m --data-dir DIR    # timings, peak memory
+    Paper-size backbone: --d-model 128 --d-ff 512 --enc-layers 3 --dec-layers 3 --dropout 0.1
+
+Notation (paper -> code)
+    i_1..i_n, i_{n+1}    history `hist` (B, L) item ids, `target` (B,)
+    m, c_{p+1..p+m}      RQ levels `levels`; the SID tokens of an item `model.item_tokens[item]`
+                         (M = m + 1 tokens: m codes and the de-duplication digit)
+    C, c_k               code-token vocabulary; embedding rows `model.emb.weight[FIRST_CODE:]`
+    l, o_1..o_l          thinking tokens: `trace_len`, `trace` (B, l) token ids
+    tau                  softmax temperature of P(y_t | ...) (`tau`, Spec §1)
+    d_j                  decoder output state at position j (`d`), j = 0 is the start token
+    s_i, r_i, t          state MLP_s(sum_{j<=i} d_j), residual MLP_r(t - s_{i-1}), target repr.
+    q                    length of the stage-1 synthetic prefix (= l here)
+    lambda_*, tau_c      stage-2 loss weights `lambda_con` ..., InfoNCE temperature `tau_con`
+    G, R, A, eps, beta   GRPO group size, reward sum_k w_k r_k, advantage, clip range `clip_eps`,
+                         KL weight `beta_kl`
+Shapes: B histories, L = max_len history items, M SID tokens per item, S = L*M encoder tokens,
+    T = l + M + 1 decoder positions (trace, SID, EOS), W sequences per history (beams,
+    rollouts, candidates), D = d_model, V vocabulary, N items, F item-feature dimension.
+"""
+import argparse
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
 import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+
+# Token ids: PAD pads histories, BOS starts the decoder, EOS ends an output; codes come after.
+PAD_TOK, BOS, EOS, FIRST_CODE = 0, 1, 2, 3
+STAGES = {"base": "base", "1": "stage1", "2": "stage2", "3": "stage3"}  # flag value -> result key
 
 
-def main(argv=None):
-    sys.exit("stream_rec.py: not implemented yet")
+class RunError(Exception):
+    """A bad flag or a missing prerequisite; main() prints it as one line."""
+
+
+# -----------------------------------------------------------------------------
+# Config
+# -----------------------------------------------------------------------------
+@dataclass
+class Config:
+    # data (passed to data.load_dataset; None = the dataset's documented default)
+    dataset: str = "synthetic"  # name or file path (see data.py); default: offline synthetic set
+    data_dir: str = "data"  # download cache / folder of named datasets
+    split: str | None = None  # loo | time
+    min_rating: float | None = None  # keep ratings >= this
+    kcore: int | None = None  # drop users/items with fewer interactions; 0 = off
+    max_len: int = 20  # L, history items read by the encoder (MTGRec/TIGER: 20)
+    mask_history: bool = True  # remove history items from rankings (shared protocol, README)
+    # semantic IDs (Spec §2.1)
+    features: str = "auto"  # item vectors: text (TF-IDF+SVD of titles) | cooc (PPMI+SVD) | auto
+    feature_dim: int = 32  # F, SVD dimension of the item vectors
+    cooc_window: int = 5  # items closer than this in a training sequence co-occur
+    levels: int = 3  # m, residual quantisation levels (Spec §2.1 [R]: 3, plus a dedup digit)
+    codebook_size: int = 0  # codes per level; 0 = ceil((8N)^(1/m)) clipped to [2, 256] (ours)
+    kmeans_iters: int = 30  # Lloyd iterations per level (k-means++ init, seeded)
+    # model (Spec §2.2: T5-like encoder-decoder; paper size 128 / 512 / 3 / 3)
+    d_model: int = 64  # D
+    n_heads: int = 4  # attention heads
+    d_ff: int = 256  # feed-forward width
+    enc_layers: int = 2  # encoder layers
+    dec_layers: int = 2  # decoder layers
+    dropout: float = 0.0  # dropout (TIGER/MTGRec: 0.1; 0 here, see the Deviation note in README)
+    tau: float = 1.0  # tau, output softmax temperature (Spec §1; not given, 1)
+    trace_len: int = 4  # l, thinking tokens (Spec §2.3: 4 Scientific, 6 Instruments)
+    constrain_levels: bool = True  # SID positions may only emit their own level's codes (ours)
+    # training, shared by the stages
+    epochs: int = 3  # epochs of base, stage 1 and stage 2 (small: the default run takes minutes)
+    batch_size: int = 256  # (prefix -> next item) examples per step (MTGRec: 256)
+    max_examples: int = 8192  # examples per epoch, a fresh random subset each epoch; 0 = all
+    lr: float = 1e-3  # AdamW learning rate of base and stage 1 (MTGRec ft config: 1e-3)
+    weight_decay: float = 0.05  # AdamW weight decay (MTGRec: 0.05)
+    grad_clip: float = 1.0  # max gradient norm
+    patience: int = 3  # early stop after this many epochs without a better valid metric; 0 = off
+    select: str = "ndcg@10"  # validation metric that selects checkpoints (Spec §3.3: NDCG@10)
+    # stage 2: annotation + SFT (Spec §4)
+    sft_lr: float = 5e-4  # AdamW learning rate of stage 2 (Spec §4.3 [R]: 2e-4..1e-3)
+    sft_warmup: int = 1  # epochs whose CE skips the thinking tokens (Spec §4.3 stability tip)
+    lambda_con: float = 0.1  # weight of L_con, state-target InfoNCE (Spec §4.3.2)
+    tau_con: float = 0.1  # InfoNCE temperature (Spec §4.3.2 [R]: 0.07-0.1)
+    lambda_quant: float = 0.1  # weight of L_quant, residual commitment (Spec §4.3.3)
+    quant_beta: float = 0.0  # weight of the codebook half of L_quant (Spec §4.3.3 [R]: off)
+    lambda_dpo: float = 0.1  # weight of L_DPO against the direct model (Spec §4.3.4)
+    lambda_usage: float = 1.0  # weight of the code-usage penalty against trace collapse (Spec §4.3 tip)
+    beta_dpo: float = 0.1  # DPO beta (ours; the usual DPO default)
+    # stage 3: GRPO (Spec §4b)
+    rl_epochs: int = 2  # RL epochs (Spec §4b [R]: 1-3)
+    rl_max_examples: int = 512  # histories per RL epoch, a fresh random subset; 0 = all
+    rl_batch: int = 32  # histories per RL step
+    group_size: int = 8  # G, rollouts per history (Spec §4b [R]: 8-16)
+    rl_lr: float = 2e-5  # AdamW learning rate (Spec §4b [R]: 1e-5..5e-5, "up to 1e-4")
+    clip_eps: float = 0.2  # eps, PPO clip range (Spec §4b)
+    beta_kl: float = 0.04  # beta, weight of the k3 KL to the stage-2 reference (Spec §4b: .01-.04)
+    rl_inner: int = 2  # policy updates per batch of rollouts (Spec §4b: 1-2)
+    rl_temp: float = 1.0  # sampling temperature of the rollouts (Spec §4b)
+    w_format: float = 1.0  # weight of the format reward (Spec §4b.1)
+    w_match: float = 1.0  # weight of the exact-match prefix reward (Spec §4b.2)
+    w_sim: float = 0.5  # weight of the state-target similarity reward (Spec §4b.3)
+    w_lik: float = 0.5  # weight of the thinking-likelihood reward (Spec §4b.4)
+    w_rank: float = 1.0  # weight of the thinking-ranking reward (Spec §4b.5)
+    rank_negs: int = 19  # random negatives of the ranking reward (Spec §4b.5 [R]: 49-99)
+    # evaluation (Spec §2.5, §5.3)
+    beam_valid: int = 20  # beam size on validation (MTGRec: 20)
+    beam_test: int = 50  # beam size on test (MTGRec: 50)
+    trace_decode: str = "beam"  # beam: one beam over trace + SID; greedy: greedy trace (Spec §7.13)
+    eval_batch: int = 128  # histories per evaluation batch
+    # run
+    stages: str = "base,1,2,3"  # stages to run, in paper order: any of base,1,2,3
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:i | mps
+    seed: int = 0  # seeds everything; each stage also derives its own streams from it
+    threads: int = 0  # CPU threads for torch; 0 = torch's default (1 is faster on a busy machine)
+    out: str = "runs/stream_rec"  # folder of checkpoints and results.json
+    resume: bool = False  # skip stages whose finished checkpoint is already in --out
+    eval_only: bool = False  # only evaluate the saved checkpoints of --stages; writes DIR/eval.json
+    benchmark: bool = False  # time each stage's steps and the decoding instead of training
+    benchmark_steps: int = 20  # training steps timed per stage by --benchmark
+
+
+def _field_help():
+    """Field name -> its trailing comment, so --help shows exactly the comments above."""
+    try:
+        src = inspect.getsource(Config)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", src, flags=re.M))
+
+
+def parse_args(argv=None) -> Config:
+    """Flags generated from Config: --trace-len (or --trace_len), --no-mask-history, ..."""
+    p = argparse.ArgumentParser(description="STREAM-Rec (arXiv:2504.09627v1): semantic IDs, "
+                                "base/stage 1/2/3 training, beam-search evaluation.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = _field_help()
+    for f in fields(Config):
+        flags = ["--" + f.name.replace("_", "-")] + (["--" + f.name] if "_" in f.name else [])
+        typ = f.type
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):  # `float | None`
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        if typ is bool:
+            p.add_argument(*flags, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=helps.get(f.name, ""))
+        else:
+            p.add_argument(*flags, type=typ, default=f.default, help=helps.get(f.name, ""))
+    return check_config(Config(**vars(p.parse_args(argv))))
+
+
+def check_config(cfg):
+    """Refuse bad values with one line that names the flag and the fix."""
+    def need(ok, msg):
+        if not ok:
+            raise RunError(msg)
+    need(cfg.trace_len >= 0, f"--trace-len must be >= 0 (got {cfg.trace_len})")
+    for name in ("levels", "max_len", "feature_dim", "d_model", "n_heads", "d_ff", "enc_layers",
+                 "dec_layers", "epochs", "rl_epochs", "batch_size", "rl_batch", "beam_valid", "beam_test",
+                 "eval_batch", "kmeans_iters", "cooc_window", "benchmark_steps"):
+        need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 "
+             f"(got {getattr(cfg, name)})")
+    for name in ("max_examples", "rl_max_examples", "patience", "codebook_size",
+                 "sft_warmup", "rank_negs", "quant_beta", "threads", "lambda_con", "lambda_quant",
+                 "lambda_dpo", "lambda_usage", "beta_kl", "weight_decay", "grad_clip", "dropout"):
+        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 "
+             f"(got {getattr(cfg, name)})")
+    for name in ("lr", "sft_lr", "rl_lr", "tau", "tau_con", "beta_dpo", "rl_temp", "clip_eps"):
+        v = getattr(cfg, name)
+        need(math.isfinite(v) and v > 0, f"--{name.replace('_', '-')} must be > 0 (got {v})")
+    need(cfg.d_model % cfg.n_heads == 0, f"--d-model ({cfg.d_model}) must be divisible by "
+         f"--n-heads ({cfg.n_heads})")
+    need(cfg.group_size >= 2, f"--group-size must be >= 2: GRPO normalises rewards within a "
+         f"group (got {cfg.group_size})")
+    need(cfg.rl_inner >= 1, f"--rl-inner must be >= 1 (got {cfg.rl_inner})")
+    need(cfg.codebook_size <= 256 or cfg.codebook_size == 0, "--codebook-size must be <= 256")
+    need(cfg.dropout < 1, f"--dropout must be < 1 (got {cfg.dropout})")
+    need(cfg.features in ("auto", "text", "cooc"), f"--features must be auto, text or cooc "
+         f"(got {cfg.features!r})")
+    need(cfg.trace_decode in ("beam", "greedy"), f"--trace-decode must be beam or greedy "
+         f"(got {cfg.trace_decode!r})")
+    metrics = [f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in data.KS] + ["mrr"]
+    need(cfg.select in metrics, f"--select must be one of {', '.join(metrics)} "
+         f"(got {cfg.select!r})")
+    names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
+    bad = [s for s in names if s not in STAGES]
+    need(names and not bad, f"--stages takes a comma list of base,1,2,3 (got {cfg.stages!r})")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Utilities (BOILERPLATE)
+# -----------------------------------------------------------------------------
+def set_seed(seed):
+    """Seed python, numpy and torch (all devices). Data order uses explicit Generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name):
+    """auto -> cuda, then mps, then cpu. An explicit device that is absent is an error."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if re.fullmatch(r"cuda(:\d+)?", name):
+        if not torch.cuda.is_available():
+            raise RunError(f"--device {name}: this torch build or machine has no CUDA; "
+                           f"use --device cpu or auto")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise RunError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device(name)
+    if name == "mps":
+        if not has_mps:
+            raise RunError("--device mps: MPS is not available here; use --device cpu or auto")
+        return torch.device("mps")
+    raise RunError(f"--device must be auto, cpu, cuda, cuda:i or mps (got {name!r})")
+
+
+def stage_seed(cfg, key):
+    """Each stage has its own seed, so a stage rerun alone repeats the full run's numbers."""
+    return cfg.seed * 1000 + list(STAGES.values()).index(key) * 101 + 7
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a crash or Ctrl-C never leaves half a file."""
+    tmp = path + ".tmp"
+    if path.endswith(".json"):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def peak_rss_mib():
+    """Peak resident memory of this process (Linux/macOS; None elsewhere)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
+# -----------------------------------------------------------------------------
+# Semantic IDs (Spec §2.1: items -> m residual codes + a de-duplication digit)
+# -----------------------------------------------------------------------------
+def svd_vectors(matrix, dim, seed):
+    """Rows of a sparse (N, X) matrix -> (N, F) unit vectors from a truncated SVD (U * S)."""
+    q = max(1, min(dim, *matrix.shape))
+    with torch.random.fork_rng():  # svd_lowrank draws a random projection: make it seeded
+        torch.manual_seed(seed)
+        U, S, _ = torch.svd_lowrank(matrix, q=q, niter=6)
+    return F.normalize(U * S, dim=1)  # (N, F) cosine geometry for k-means and neighbours
+
+
+def text_features(item_text, dim, seed):
+    """TF-IDF over the words of "title | genres" lines, then SVD (stands in for a PLM)."""
+    # Deviation: the paper encodes item text with a pretrained language model (Spec §2.1);
+    # offline and dependency-free, a TF-IDF + SVD embedding keeps the "text -> vector" role.
+    docs = [re.findall(r"[a-z0-9]+", t.lower()) for t in item_text[1:]]
+    vocab = {w: k for k, w in enumerate(sorted({w for d in docs for w in d}))}
+    rows = torch.tensor([i for i, d in enumerate(docs) for _ in d], dtype=torch.long)
+    cols = torch.tensor([vocab[w] for d in docs for w in d], dtype=torch.long)
+    n, v = len(docs), max(len(vocab), 1)
+    tf = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(len(rows)), (n, v),
+                                 check_invariants=True).coalesce()  # (N, X) word counts
+    i, c = tf.indices(), tf.values()
+    df = torch.bincount(i[1], minlength=v).float()
+    w = c * (torch.log((1 + n) / (1 + df)) + 1)[i[1]]  # tf * smoothed idf
+    w = w / torch.zeros(n).index_add_(0, i[0], w * w).sqrt()[i[0]]  # unit rows
+    return svd_vectors(torch.sparse_coo_tensor(i, w, (n, v), check_invariants=True), dim, seed)
+
+
+def cooc_features(train, n_items, window, dim, seed):
+    """Collaborative item vectors from TRAINING sequences only: windowed co-occurrence counts
+    -> positive PMI -> SVD. (Valid/test targets never leak into the semantic IDs.)"""
+    # Reconstructed: the paper quantises text embeddings only; data without titles (SASRec's
+    # ml-1m.txt) needs a text-free item vector, and co-occurrence is the standard one.
+    lens = train.lengths()
+    row = np.repeat(np.arange(len(train)), lens)  # (n,) sequence of each training position
+    pos = np.repeat(train.starts, lens) + np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+    seq = train.items[pos] - 1  # (n,) item index 0..N-1, users back to back
+    a, b = [], []
+    for d in range(1, window):  # pairs (x_p, x_{p+d}) inside the same sequence
+        same = row[:-d] == row[d:]
+        a += [seq[:-d][same], seq[d:][same]]
+        b += [seq[d:][same], seq[:-d][same]]  # symmetric
+    idx = torch.from_numpy(np.stack([np.concatenate(a), np.concatenate(b)]))
+    C = torch.sparse_coo_tensor(idx, torch.ones(idx.shape[1]), (n_items, n_items),
+                                check_invariants=True).coalesce()  # (N, N) counts
+    i, c = C.indices(), C.values()
+    marg = torch.sparse.sum(C, 1).to_dense()  # (N,) row sums = column sums (symmetric)
+    pmi = torch.log(c * c.sum() / (marg[i[0]] * marg[i[1]]))
+    keep = pmi > 0  # PPMI: negative associations are noise at this data size
+    P = torch.sparse_coo_tensor(i[:, keep], pmi[keep], (n_items, n_items), check_invariants=True)
+    return svd_vectors(P.coalesce(), dim, seed)
+
+
+def kmeans(x, k, iters, gen):
+    """Deterministic k-means: k-means++ seeding from `gen`, then `iters` Lloyd steps.
+    (N, F) -> centres (k, F), assignment (N,). An empty cluster keeps its old centre."""
+    n = x.shape[0]
+    centres = x[torch.randint(n, (1,), generator=gen)]  # (1, F)
+    d2 = torch.cdist(x, centres).squeeze(1) ** 2  # (N,) squared distance to the nearest centre
+    for _ in range(1, k):
+        pick = torch.multinomial(d2, 1, generator=gen) if d2.sum() > 0 else \
+            torch.randint(n, (1,), generator=gen)
+        centres = torch.cat([centres, x[pick]])
+        d2 = torch.minimum(d2, torch.cdist(x, x[pick]).squeeze(1) ** 2)
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(1)  # (N,)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)  # (k, F)
+        count = torch.bincount(assign, minlength=k)[:, None]
+        centres = torch.where(count > 0, sums / count.clamp(min=1), centres)
+    return centres, torch.cdist(x, centres).argmin(1)
+
+
+def residual_kmeans(vecs, levels, size, iters, seed):
+    """RQ-k-means (Spec §2.1, §9.3): level k clusters the residual left by levels < k.
+    Then a de-duplication digit numbers the items that share all m codes, so SIDs are unique.
+    Returns codes (N, m+1), sizes [K_1..K_m, K_dedup], and a usage report."""
+    # Deviation: RQ-VAE (Spec §2.1) is replaced by RQ-k-means, which the spec allows (§9.3):
+    # no training loop and deterministic, and it yields the same kind of hierarchical codes.
+    n = vecs.shape[0]
+    # Reconstructed: K = (8N)^(1/m) codes per level, so the m levels address ~8x more tuples
+    # than items (the paper's 3 x 256 serves ~25k items; with K^m ~ N even random codes would
+    # collide for a third of the items; 256 codes for 400 items would make every code unique).
+    k = size or min(256, max(2, math.ceil((8 * n) ** (1 / levels) - 1e-9)))
+    k = min(k, n)
+    gen = torch.Generator().manual_seed(seed)
+    residual, codes = vecs.clone(), []
+    for _ in range(levels):
+        centres, c = kmeans(residual, k, iters, gen)
+        codes.append(c)
+        residual = residual - centres[c]  # what the next level has to explain
+    codes = torch.stack(codes, 1)  # (N, m)
+    # Reconstructed: the de-duplication digit (MTGRec's conflict codebook, Spec §2.1 [R]) numbers
+    # the items of one code tuple 0, 1, 2, ... in item-id order (deterministic, meaning-free).
+    key = (codes * torch.tensor([k ** (levels - 1 - j) for j in range(levels)])).sum(1)  # (N,)
+    order = torch.argsort(key, stable=True)
+    sk = key[order]
+    first = torch.ones(n, dtype=torch.bool)
+    first[1:] = sk[1:] != sk[:-1]
+    start = torch.cummax(torch.where(first, torch.arange(n), 0), 0).values
+    dedup = torch.empty(n, dtype=torch.long)
+    dedup[order] = torch.arange(n) - start  # rank inside the group
+    codes = torch.cat([codes, dedup[:, None]], 1)  # (N, M = m+1)
+    sizes = [k] * levels + [int(dedup.max()) + 1]
+    report = dict(sizes=sizes, used_per_level=[int(codes[:, j].unique().numel()) for j in range(levels)],
+                  items_with_dedup_digit=int((dedup > 0).sum()),
+                  colliding_prefixes=int((dedup == 1).sum()))  # each shared tuple has one digit 1
+    return codes, sizes, report
+
+
+def build_semantic_ids(cfg, ds):
+    """Item vectors (text or co-occurrence) -> RQ codes. Built on CPU: same seed, same SIDs."""
+    t0 = time.time()
+    kind = cfg.features if cfg.features != "auto" else ("text" if ds.item_text else "cooc")
+    if kind == "text" and not ds.item_text:
+        raise RunError(f"--features text needs item titles, but {ds.name} has no metadata; "
+                       f"use --features cooc (or auto)")
+    # Note: k-means is thousands of tiny ops; on a busy machine a second thread makes each of
+    # them wait for a descheduled peer (50-100x slower), so the build runs on one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if kind == "text":
+            vecs = text_features(ds.item_text, cfg.feature_dim, cfg.seed)  # (N, F)
+        else:
+            vecs = cooc_features(ds.train, ds.n_items, cfg.cooc_window, cfg.feature_dim, cfg.seed)
+        codes, sizes, report = residual_kmeans(vecs, cfg.levels, cfg.codebook_size,
+                                               cfg.kmeans_iters, cfg.seed)
+    finally:
+        torch.set_num_threads(threads)
+    report.update(features=kind, feature_dim=vecs.shape[1], build_s=round(time.time() - t0, 2))
+    pad = torch.zeros(1, codes.shape[1], dtype=torch.long)
+    print(f"semantic IDs: {ds.n_items} items from {kind} features (F={vecs.shape[1]}) | codes per "
+          f"level {sizes[:-1]} + dedup {sizes[-1]} | used {report['used_per_level']} | "
+          f"{report['items_with_dedup_digit']} items need a dedup digit > 0 "
+          f"({report['colliding_prefixes']} shared prefixes) | {report['build_s']} s")
+    return dict(codes=torch.cat([pad, codes]), sizes=sizes, report=report,  # codes (N+1, M)
+                vectors=torch.cat([torch.zeros(1, vecs.shape[1]), vecs]))  # (N+1, F)
+
+
+# -----------------------------------------------------------------------------
+# Model (Spec §2.2-2.4: T5-like encoder-decoder over code tokens, tied embeddings, MLP_r/MLP_s)
+# -----------------------------------------------------------------------------
+class Attention(nn.Module):
+    """Multi-head attention; the caller builds queries/keys/values with heads() so that
+    cross-attention keys can be computed once per history and reused by every beam."""
+
+    def __init__(self, d, heads, dropout):
+        super().__init__()
+        self.h, self.p = heads, dropout
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+
+    def heads(self, x):  # (B, T, D) -> (B, H, T, D/H)
+        return x.unflatten(-1, (self.h, -1)).transpose(1, 2)
+
+    def kv(self, x):  # (B, T, D) -> keys and values (B, H, T, D/H)
+        return self.heads(self.k(x)), self.heads(self.v(x))
+
+    def attend(self, q, k, v, mask):  # mask: bool, True = may attend, broadcast to (B, H, Tq, Tk)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.p if self.training else 0.0)
+        return self.o(out.transpose(1, 2).flatten(2))  # (B, Tq, D)
+
+
+def feed_forward(d, d_ff, dropout):
+    return nn.Sequential(nn.Linear(d, d_ff), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ff, d))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-LayerNorm Transformer encoder layer (T5 is pre-norm too)."""
+
+    def __init__(self, d, heads, d_ff, dropout):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.att, self.ff, self.drop = Attention(d, heads, dropout), feed_forward(d, d_ff, dropout), nn.Dropout(dropout)
+
+    def forward(self, x, mask):  # (B, S, D), mask (B, 1, 1, S)
+        h = self.ln1(x)
+        x = x + self.drop(self.att.attend(self.att.heads(self.att.q(h)), *self.att.kv(h), mask))
+        return x + self.drop(self.ff(self.ln2(x)))  # (B, S, D)
+
+
+class DecoderLayer(nn.Module):
+    """Causal self-attention (with a key/value cache for step-by-step decoding), then
+    cross-attention to the encoder output, then a feed-forward block."""
+
+    def __init__(self, d, heads, d_ff, dropout):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_att, self.cross = Attention(d, heads, dropout), Attention(d, heads, dropout)
+        self.ff, self.drop = feed_forward(d, d_ff, dropout), nn.Dropout(dropout)
+
+    def forward(self, x, cache, mem_kv, mem_mask, W):  # x (B*W, t, D): W sequences per history
+        BW, t, _ = x.shape
+        h = self.ln1(x)
+        q, (k, v) = self.self_att.heads(self.self_att.q(h)), self.self_att.kv(h)  # (BW, H, t, dh)
+        if cache is not None:  # earlier positions of the same sequences
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)  # (BW, H, t0+t, dh)
+        causal = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+        x = x + self.drop(self.self_att.attend(q, k, v, causal))
+        # Note: the W sequences of one history share its encoder output, so their queries are
+        # stacked along the query axis, (B, H, W*t, dh): no copy of the memory per beam.
+        q = self.cross.heads(self.cross.q(self.ln2(x)).reshape(BW // W, W * t, -1))
+        x = x + self.drop(self.cross.attend(q, *mem_kv, mem_mask).reshape(BW, t, -1))
+        return x + self.drop(self.ff(self.ln3(x))), (k, v)  # (BW, t, D)
+
+
+class ResidualMLP(nn.Module):
+    """x + W2 gelu(W1 x), W2 = 0 at init: starts as the identity (Spec §2.4 [R])."""
+    # Reconstructed: MLP_r / MLP_s are "small MLPs"; the identity start makes r_1 = t - d_0.
+
+    def __init__(self, d):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
+
+    def forward(self, x):
+        return x + self.net(x)
+
+
+class StreamRec(nn.Module):
+    """Encoder: the SID tokens of the last L history items. Decoder: [o_1..o_l ; SID ; EOS].
+
+    The same class with trace_len = 0 is the direct (TIGER) model of the baseline.
+    """
+
+    def __init__(self, codes, sizes, trace_len, max_len, d_model, n_heads, d_ff, enc_layers,
+                 dec_layers, dropout, tau, constrain_levels):
+        super().__init__()
+        self.args = dict(sizes=list(sizes), trace_len=trace_len, max_len=max_len, d_model=d_model,
+                         n_heads=n_heads, d_ff=d_ff, enc_layers=enc_layers, dec_layers=dec_layers,
+                         dropout=dropout, tau=tau, constrain_levels=constrain_levels)  # = model_args()
+        M = len(sizes)
+        # Reconstructed (Spec §1): the output is l thinking tokens, the M SID tokens and EOS.
+        self.l, self.M, self.T, self.tau = trace_len, M, trace_len + M + 1, tau
+        offsets = FIRST_CODE + torch.tensor([0] + sizes[:-1]).cumsum(0)  # (M,) first token of each level
+        V = FIRST_CODE + sum(sizes)
+        tokens = codes + offsets  # (N+1, M) level-offset token ids of every item's SID
+        tokens[0] = PAD_TOK
+        self.register_buffer("item_tokens", tokens)
+        self.register_buffer("offsets", offsets)
+        self.register_buffer("sizes", torch.tensor(sizes))
+        # Item lookup: SID code tuple -> mixed-radix integer key -> item (sorted keys + search).
+        radix = torch.tensor([math.prod(sizes[j + 1:]) for j in range(M)])
+        keys = (codes[1:] * radix).sum(1)  # (N,)
+        order = torch.argsort(keys)
+        self.register_buffer("radix", radix)
+        self.register_buffer("keys", keys[order])
+        self.register_buffer("key_items", order + 1)
+        # Reconstructed: per-position vocabulary masks (usual in TIGER code). Thinking positions
+        # may emit any code token (Spec §2.3), SID position k only level-k codes, then EOS.
+        # Without --constrain-levels every position may emit any code or EOS.
+        allowed = torch.zeros(self.T, V, dtype=torch.bool)
+        if constrain_levels:
+            allowed[:trace_len, FIRST_CODE:] = True
+            for j in range(M):
+                allowed[trace_len + j, offsets[j]:offsets[j] + sizes[j]] = True
+            allowed[-1, EOS] = True
+        else:
+            allowed[:, FIRST_CODE:] = allowed[:, EOS] = True
+        self.register_buffer("allowed", allowed)  # (T, V)
+        self.register_buffer("choice", allowed.sum(1) > 1)  # (T,) positions with a real choice
+        self.emb = nn.Embedding(V, d_model)  # tied: encoder input, decoder input, output layer
+        self.enc_pos = nn.Embedding(max_len * M, d_model)
+        self.dec_pos = nn.Embedding(self.T, d_model)
+        # Deviation: learned absolute positions instead of T5's relative position bias (simpler;
+        # the encoder sequence has a fixed layout, newest item last).
+        self.enc = nn.ModuleList(EncoderLayer(d_model, n_heads, d_ff, dropout) for _ in range(enc_layers))
+        self.dec = nn.ModuleList(DecoderLayer(d_model, n_heads, d_ff, dropout) for _ in range(dec_layers))
+        self.enc_norm, self.dec_norm, self.drop = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.Dropout(dropout)
+        self.mlp_r, self.mlp_s = ResidualMLP(d_model), ResidualMLP(d_model)  # Spec §2.4
+        # Reconstructed: code embeddings c_k and decoder states d_j share one scale, norm ~ D^(1/4),
+        # so logits d.c start with unit variance AND t - s (an embedding sum minus a state) is a
+        # meaningful residual in Stage 2. T5 instead rescales the output by D^(-1/2).
+        self.d_scale = d_model ** -0.25
+        for e in (self.emb, self.enc_pos, self.dec_pos):
+            nn.init.normal_(e.weight, std=d_model ** -0.25)
+
+    def encode(self, hist):  # (B, L) item ids -> encoder memory for every decoder layer
+        # Deviation: no hashed user token in front (MTGRec has one); the shared protocol hands
+        # the model histories only, as it does for ReaRec.
+        tok = self.item_tokens[hist].flatten(1)  # (B, S) SID tokens of the history, PAD-padded
+        x = self.drop(self.emb(tok) + self.enc_pos.weight[:tok.shape[1]])  # (B, S, D)
+        mask = (tok != PAD_TOK)[:, None, None, :]  # (B, 1, 1, S) padding is never attended
+        for layer in self.enc:
+            x = layer(x, mask)
+        x = self.enc_norm(x)
+        # Cross-attention keys/values once per history, reused at every decoding step.
+        return dict(kv=[layer.cross.kv(x) for layer in self.dec], mask=mask)
+
+    def decode(self, memory, tokens, start=0, cache=None):
+        """Decoder input tokens (B, W, t) at positions start.. -> states d (B, W, t, D), cache."""
+        B, W, t = tokens.shape
+        x = self.drop(self.emb(tokens) + self.dec_pos.weight[start:start + t]).flatten(0, 1)  # (BW, t, D)
+        new = []
+        for i, layer in enumerate(self.dec):
+            x, c = layer(x, None if cache is None else cache[i], memory["kv"][i], memory["mask"], W)
+            new.append(c)
+        return (self.dec_norm(x) * self.d_scale).view(B, W, t, -1), new  # d_j, (B, W, t, D)
+
+    def log_probs(self, d, start=0):
+        """Spec §1 [P]: P(y_t | y_<t, c_1:p) = softmax(p(y_t) / tau), p = tied-embedding logits,
+        restricted to the position's allowed tokens. (B, W, t, D) -> (B, W, t, V)."""
+        logits = d @ self.emb.weight.T / self.tau
+        return logits.masked_fill(~self.allowed[start:start + d.shape[2]], -math.inf).log_softmax(-1)
+
+    def tokens_to_items(self, sid):
+        """SID tokens (..., M) -> item ids (...); 0 where the tuple is not an item's SID."""
+        codes = sid - self.offsets
+        ok = ((codes >= 0) & (codes < self.sizes)).all(-1)
+        key = (codes.clamp(min=0) * self.radix).sum(-1)
+        pos = torch.searchsorted(self.keys, key).clamp(max=len(self.keys) - 1)
+        return torch.where(ok & (self.keys[pos] == key), self.key_items[pos], 0)
+
+
+def model_args(cfg, sids, trace_len):
+    """Everything StreamRec needs besides the code table; stored in every checkpoint."""
+    return dict(sizes=list(sids["sizes"]), trace_len=trace_len, max_len=cfg.max_len,
+                d_model=cfg.d_model, n_heads=cfg.n_heads, d_ff=cfg.d_ff, enc_layers=cfg.enc_layers,
+                dec_layers=cfg.dec_layers, dropout=cfg.dropout, tau=cfg.tau,
+                constrain_levels=cfg.constrain_levels)
+
+
+def new_model(cfg, sids, trace_len, device):
+    # Deviation: dropout defaults to 0 (TIGER: 0.1): the CPU budgets here underfit, and dropout
+    # costs ~40% of a CPU step. --dropout 0.1 restores it.
+    torch.manual_seed(cfg.seed + trace_len)  # the init does not depend on what ran before
+    return StreamRec(sids["codes"], **model_args(cfg, sids, trace_len)).to(device)
+
+
+def output_seq(model, trace, items):
+    """[o_1..o_l ; SID(item) ; EOS]: trace (B, W, l) tokens, items (B, W) -> (B, W, T)."""
+    eos = torch.full_like(items, EOS)[..., None]
+    return torch.cat([trace, model.item_tokens[items], eos], -1)
+
+
+def teacher_forced(model, memory, y):
+    """Decoder input [BOS, y_1..y_{T-1}] -> log-probs (B, W, T, V) and states d (B, W, T, D)."""
+    bos = torch.full_like(y[..., :1], BOS)
+    d, _ = model.decode(memory, torch.cat([bos, y[..., :-1]], -1))
+    return model.log_probs(d), d
+
+
+def token_logp(lp, y):  # (B, W, T, V), (B, W, T) -> log P of each chosen token (B, W, T)
+    return lp.gather(-1, y[..., None]).squeeze(-1)
+
+
+def target_repr(model, items):
+    """Spec §4.2 [R]: t = stop-grad(sum of the target SID's token embeddings), (..., D)."""
+    # Reconstructed: the paper's "target behaviour representation" is not specified. The sum of
+    # the target's code embeddings keeps t, s_i and c_k in one space; detached, so the losses
+    # move the states toward t and never t toward the states (a target that chases the guess).
+    return model.emb(model.item_tokens[items]).sum(-2).detach()
+
+
+# -----------------------------------------------------------------------------
+# Losses (Spec §3.1, §4.3, §4b)
+# -----------------------------------------------------------------------------
+def ce_loss(tok_lp, weight):
+    """Spec §3.1 [P] / §4.3.1: token cross-entropy -log P(y_t | y_<t, x), averaged over the
+    positions of weight 1. tok_lp (B, W, T), weight (T,): forced tokens (the constrained EOS)
+    and, in the stage-2 warm-up, the thinking tokens get weight 0."""
+    return -(tok_lp * weight).sum() / (weight.sum() * tok_lp[..., 0].numel()).clamp(min=1)
+
+
+def info_nce(s, t, items, tau):
+    """Spec §4.3.2 [R]: L_con = mean_i InfoNCE(s_i, t) with cosine similarity / tau_c and the
+    other targets of the batch as negatives. s (B, l, D), t (B, D), items (B,)."""
+    # Reconstructed: the note only names the loss ("the state converges step by step to the
+    # target"); in-batch InfoNCE with cosine similarity, averaged over the steps, is our form.
+    B, l, _ = s.shape
+    if l == 0:
+        return s.sum() * 0
+    sim = F.normalize(s, dim=-1) @ F.normalize(t, dim=-1).T / tau  # (B, l, B)
+    # Note: another case with the SAME target item is not a negative (it would be a false one).
+    same = (items[:, None] == items[None, :]) & ~torch.eye(B, dtype=torch.bool, device=s.device)
+    sim = sim.masked_fill(same[:, None, :], -math.inf)
+    labels = torch.arange(B, device=s.device)[:, None].expand(B, l)  # (B, l) the own target
+    return F.cross_entropy(sim.transpose(1, 2), labels)
+
+
+def quant_loss(r, c_o, beta):
+    """Spec §4.3.3 [R]: L_quant = ||sg(c_o) - r||^2 + beta ||c_o - sg(r)||^2 (VQ style), mean
+    over dimensions, steps and cases. beta = 0 keeps the token embeddings out of it."""
+    # Reconstructed: VQ commitment form; the codebook half is off by default (quant_beta = 0)
+    # because c_k are the shared token embeddings, which CE already trains.
+    if r.shape[1] == 0:
+        return r.sum() * 0
+    return F.mse_loss(r, c_o.detach()) + beta * F.mse_loss(c_o, r.detach())
+
+
+def usage_loss(r, codes):
+    """Spec §4.3 stability tip ("add a small entropy or usage penalty") [R]: KL(u_i || uniform),
+    u_i = the batch mean of the soft assignment softmax(-||c_k - r_i||^2) of residual r_i to
+    the codes, averaged over steps. 0 when the batch spreads evenly over all C codes; log C when
+    every residual picks one code. r (B, l, D), codes (C, D)."""
+    if r.shape[1] == 0:
+        return r.sum() * 0
+    u = (-torch.cdist(r, codes.expand(len(r), -1, -1)) ** 2).softmax(-1).mean(0)  # (l, C)
+    return (u * (u.clamp_min(1e-12).log() + math.log(codes.shape[0]))).sum(-1).mean()
+
+
+def dpo_loss(pol_w, pol_l, ref_w, ref_l, beta):
+    """Spec §4.3.4 [R] (DPO, Rafailov et al. 2023): -log sigmoid(beta [(log pi(y_w) - log
+    ref(y_w)) - (log pi(y_l) - log ref(y_l))]) over sequence log-probs (B,). Returns (loss, acc)."""
+    # Reconstructed: standard DPO on whole-output log-probs. Chosen and rejected share the trace,
+    # so only their SID tokens differ and the trace terms cancel in the margin.
+    margin = beta * ((pol_w - ref_w) - (pol_l - ref_l))  # (B,)
+    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
+
+
+def group_advantages(R, eps=1e-6):
+    """Spec §4b: A = (R - mean_G R) / (std_G R + eps), per group of G rollouts. R (B, G).
+    The std is the unbiased one, as in common GRPO code."""
+    return (R - R.mean(1, keepdim=True)) / (R.std(1, keepdim=True) + eps)
+
+
+def kl_k3(lp, ref_lp):
+    """k3 estimator of KL(pi || ref) per sampled token: exp(ref - lp) - (ref - lp) - 1 >= 0."""
+    x = ref_lp - lp
+    return x.exp() - x - 1
+
+
+def grpo_loss(lp, old_lp, ref_lp, adv, clip_eps, beta, weight):
+    """Spec §4b: GRPO = PPO-clip with group-normalised advantages, minus a KL penalty.
+    loss = mean_tokens [ -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta KL_k3 ],
+    rho = pi(y_t) / pi_old(y_t). lp, old_lp, ref_lp (B, G, T); adv (B, G); weight (T,)."""
+    # Reconstructed: the note names GRPO only; this is DeepSeekMath's form (sequence advantage on
+    # every token, token-mean loss, k3 KL in the loss rather than in the reward).
+    rho = (lp - old_lp).exp()
+    A = adv[..., None]  # the sequence's advantage, broadcast over its tokens
+    pg = -torch.minimum(rho * A, rho.clamp(1 - clip_eps, 1 + clip_eps) * A)
+    kl = kl_k3(lp, ref_lp)
+    n = weight.sum() * lp.shape[0] * lp.shape[1]
+    loss = ((pg + beta * kl) * weight).sum() / n
+    clipped = ((rho.detach() - 1).abs() > clip_eps).float()
+    return loss, dict(kl=float((kl.detach() * weight).sum() / n),
+                      clip_frac=float((clipped * weight).sum() / n))
+
+
+def update(model, opt, loss, cfg, stage):
+    """One optimiser step; a non-finite loss stops the run with a clear message."""
+    if not torch.isfinite(loss):
+        flag = {"base": "--lr", "stage1": "--lr", "stage2": "--sft-lr", "stage3": "--rl-lr"}[stage]
+        raise RunError(f"{stage}: the loss became {loss.item()}; training diverged, lower {flag} "
+                       f"or the loss weights")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+
+
+# -----------------------------------------------------------------------------
+# Training loop shared by the stages (BOILERPLATE): epochs, validation, checkpoints
+# -----------------------------------------------------------------------------
+def ckpt_path(cfg, key):
+    return os.path.join(cfg.out, f"{key}.pt")
+
+
+def save_stage(cfg, key, model, sids, epoch, best_valid, done, result=None):
+    """Self-describing checkpoint: weights, how to rebuild the model, config, SIDs, results."""
+    save_atomic(dict(model=model.state_dict(), model_args=model.args, config=dataclasses.asdict(cfg),
+                     stage=key, epoch=epoch, best_valid=best_valid, done=done, result=result,
+                     semantic_ids=dict(codes=sids["codes"], sizes=sids["sizes"])), ckpt_path(cfg, key))
+
+
+def load_stage(cfg, key, sids, device, needed_by):
+    """Rebuild a saved stage's model; refuse a checkpoint that does not fit this run."""
+    path = ckpt_path(cfg, key)
+    if not os.path.exists(path):
+        flag = {v: k for k, v in STAGES.items()}[key]
+        raise RunError(f"{needed_by} starts from the {key} checkpoint {path}, which does not exist; "
+                       f"run --stages {flag} first with the same --out (or include it in --stages)")
+    ck = torch.load(path, map_location="cpu", weights_only=True)  # SIDs are compared on CPU
+    if not torch.equal(ck["semantic_ids"]["codes"], sids["codes"]):
+        raise RunError(f"{path} was trained with other semantic IDs (different data, --features, "
+                       f"--levels, --codebook-size or --seed); use the same flags or a new --out")
+    want = model_args(cfg, sids, ck["model_args"]["trace_len"])
+    diff = [k for k in want if k != "dropout" and want[k] != ck["model_args"][k]]
+    if key != "base" and cfg.trace_len != ck["model_args"]["trace_len"]:
+        diff.append("trace_len")
+    if diff:
+        saved = ", ".join(f"{k}={ck['model_args'][k]}" for k in diff)
+        asked = ", ".join(f"{k}={getattr(cfg, k, want.get(k))}" for k in diff)
+        raise RunError(f"{path} has {saved}, but this run asks for {asked}; use the same flags "
+                       f"or a new --out")
+    model = StreamRec(sids["codes"], **ck["model_args"]).to(device)
+    model.load_state_dict(ck["model"])
+    return model, ck
+
+
+def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_examples, bench_steps=0):
+    """Run `step(hist, target, epoch) -> {term: value}` over shuffled (prefix -> next item)
+    batches; validate every epoch, keep the best checkpoint, test it once at the end."""
+    gen = torch.Generator().manual_seed(stage_seed(cfg, key))  # this stage's data order
+    best, best_state, best_epoch, bad, history, t_stage, speeds = None, None, 0, 0, [], time.time(), []
+    for epoch in range(1, epochs + 1):
+        sums, n, t0 = {}, 0, time.time()
+        for hist, target in data.train_batches(ds.train, cfg.max_len, batch_size, pairs=True,
+                                               device=device, generator=gen):
+            model.train()
+            for name, v in step(hist, target, epoch).items():
+                v = v.detach() if torch.is_tensor(v) else v
+                sums[name] = sums.get(name, 0.0) + float(v) * len(target)
+            n += len(target)
+            if bench_steps and n >= bench_steps * batch_size:  # --benchmark: time steps only
+                return dict(examples_per_s=round(n / (time.time() - t0), 1), steps=bench_steps)
+            if max_examples and n >= max_examples:  # Deviation: CPU budget, README records it
+                break
+        speed = n / (time.time() - t0)
+        speeds.append(speed)
+        logs = {name: v / n for name, v in sums.items()}
+        valid = evaluate_split(cfg, model, ds.valid, cfg.beam_valid, device)
+        history.append(dict(epoch=epoch, train=logs, valid=valid, examples=n,
+                            examples_per_s=round(speed, 1), s=round(time.time() - t0, 1)))
+        terms = " ".join(f"{name} {v:.4f}" for name, v in logs.items() if name != "loss")
+        print(f"{key} ep {epoch}/{epochs} | loss {logs['loss']:.4f} ({terms}) | {n} ex, "
+              f"{speed:,.0f} ex/s | valid {fmt_metrics(valid)} | {time.time() - t0:.1f} s")
+        if best is None or valid[cfg.select] > best[cfg.select]:
+            best, best_epoch, bad = valid, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+            save_stage(cfg, key, model, sids, epoch, best, done=False)  # survives a crash
+        else:
+            bad += 1
+            if cfg.patience and bad >= cfg.patience:
+                print(f"{key}: no better valid {cfg.select} for {bad} epochs, stopping")
+                break
+    model.load_state_dict(best_state)
+    test = evaluate_split(cfg, model, ds.test, cfg.beam_test, device)  # once, best-valid weights
+    result = dict(valid=best, test=test, best_epoch=best_epoch, epochs_run=len(history),
+                  train_examples_per_s=round(sum(speeds) / len(speeds), 1),
+                  wall_s=round(time.time() - t_stage, 1), history=history)
+    save_stage(cfg, key, model, sids, best_epoch, best, done=True, result=result)
+    print(f"{key} TEST (epoch {best_epoch}) | {fmt_metrics(test)} | {result['wall_s']:.0f} s")
+    return result
+
+
+def adamw(model, lr, cfg):
+    # Deviation: a constant learning rate (MTGRec: warm-up + cosine); few epochs, one knob less.
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+
+
+def random_other(target, n_items, shape, gen):
+    """Items drawn uniformly from 1..N minus the target. target (B,) -> (B, *shape)."""
+    x = torch.randint(1, n_items, (len(target), *shape), generator=gen, device=gen.device)
+    t = target.view(-1, *[1] * len(shape))
+    return x + (x >= t).long()  # shift past the target: uniform over the other N - 1 items
+
+
+# -----------------------------------------------------------------------------
+# Baseline: the direct recommender, l = 0 (TIGER; Spec §5.4, §7.11)
+# -----------------------------------------------------------------------------
+def train_base(cfg, ds, sids, device, bench_steps=0):
+    """Plain next-SID cross-entropy. Its checkpoint is the "direct model" of stages 2 and 3."""
+    model = new_model(cfg, sids, 0, device)
+    opt = adamw(model, cfg.lr, cfg)
+
+    def step(hist, target, epoch):
+        y = output_seq(model, hist[:, None, :0], target[:, None])  # (B, 1, M+1): SID ; EOS
+        lp, _ = teacher_forced(model, model.encode(hist), y)
+        loss = ce_loss(token_logp(lp, y), model.choice.float())
+        update(model, opt, loss, cfg, "base")
+        return dict(loss=loss, ce=loss)
+
+    return fit(cfg, "base", model, step, ds, sids, device, cfg.batch_size, cfg.epochs,
+               cfg.max_examples, bench_steps)
+
+
+# -----------------------------------------------------------------------------
+# Stage 1: pretraining on synthesized long targets (Spec §3)
+# -----------------------------------------------------------------------------
+def neighbours(vectors, k, chunk=1024):
+    """Spec §3.3 [R]: the k items most cosine-similar to each item (itself excluded), ordered
+    from far to near, so the prefix approaches the target coarse-to-fine. (N+1, F) -> (N+1, k)."""
+    out = []
+    for a in range(0, len(vectors), chunk):
+        sim = vectors[a:a + chunk] @ vectors.T  # (chunk, N+1); rows are unit vectors
+        sim[:, 0] = -math.inf  # never PAD
+        rows = torch.arange(a, a + len(sim))
+        sim[rows - a, rows] = -math.inf  # never the item itself
+        out.append(sim.topk(k, dim=1).indices.flip(1))  # most similar last, next to the target
+    return torch.cat(out)
+
+
+def stage1_pretrain(cfg, ds, sids, device, bench_steps=0):
+    """Spec §3.1-3.2 [P]: Y = [c'_1..c'_q ; SID(target) ; EOS], c' = codes of similar items,
+    trained with the plain sequence NLL. Teaches the decoder to emit a long prefix first."""
+    l = cfg.trace_len
+    model = new_model(cfg, sids, l, device)
+    opt = adamw(model, cfg.lr, cfg)
+    # Reconstructed (Spec §3.3): neighbours by cosine of the item vectors the SIDs come from;
+    # q = l, the first l tokens of the SIDs of the ceil(l/M) nearest
+    # items (far to near), so stage 1 has exactly the stage-2 output layout.
+    near = neighbours(sids["vectors"], max(1, math.ceil(l / model.M))).to(device)  # (N+1, k)
+
+    def step(hist, target, epoch):
+        prefix = model.item_tokens[near[target]].flatten(1)[:, :l]  # (B, q = l)
+        y = output_seq(model, prefix[:, None], target[:, None])  # (B, 1, T)
+        lp, _ = teacher_forced(model, model.encode(hist), y)
+        loss = ce_loss(token_logp(lp, y), model.choice.float())  # Spec §3.1: L_Pretrain
+        update(model, opt, loss, cfg, "stage1")
+        return dict(loss=loss, ce=loss)
+
+    return fit(cfg, "stage1", model, step, ds, sids, device, cfg.batch_size, cfg.epochs,
+               cfg.max_examples, bench_steps)
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: iterative-inference trace annotation (Spec §4.1-4.2) and fine-tuning (Spec §4.3)
+# -----------------------------------------------------------------------------
+def annotation_states(model, d, t):
+    """Spec §4.1 [P]: s_i = MLP_s(sum_{j=0..i} d_j) and r_i = MLP_r(t - s_{i-1}).
+    d (B, l+1, D) decoder states at positions 0..l, t (B, D) -> s (B, l+1, D), r (B, l, D)."""
+    s = model.mlp_s(d.cumsum(1))
+    return s, model.mlp_r(t[:, None] - s[:, :-1])
+
+
+@torch.no_grad()
+def stage2_annotate(model, memory, target):
+    """ALGO LOGIC: the l-step residual loop that labels a reasoning trace (Spec §4.1).
+    Returns o (B, l) token ids, s (B, l+1, D), r (B, l, D)."""
+    B, l = len(target), model.l
+    t = target_repr(model, target)  # (B, D)
+    # Reconstructed (Spec §4.2): o_i may be any code token of any level, nearest in L2 to r_i
+    # against the shared embedding matrix; d_j = the decoder's output state at position j.
+    codes = model.emb.weight[FIRST_CODE:]  # (C, D)
+    # Reconstructed (Spec §4.2): d_0 = the decoder state at the start token, the "fast" guess.
+    d, cache = model.decode(memory, torch.full((B, 1, 1), BOS, device=target.device))
+    acc = d[:, 0, 0]  # (B, D) running sum of d_j
+    s, r, o = [model.mlp_s(acc)], [], []  # s_0 = MLP_s(d_0)
+    for i in range(1, l + 1):
+        r.append(model.mlp_r(t - s[-1]))  # r_i = MLP_r(t - s_{i-1})
+        o.append(torch.cdist(r[-1], codes).argmin(1) + FIRST_CODE)  # o_i = argmin_k ||c_k - r_i||
+        d, cache = model.decode(memory, o[-1].view(B, 1, 1), i, cache)  # read o_i -> d_i
+        acc = acc + d[:, 0, 0]
+        s.append(model.mlp_s(acc))  # s_i = MLP_s(sum_{j<=i} d_j)
+    o = torch.stack(o, 1) if o else target.new_zeros(B, 0)
+    r = torch.stack(r, 1) if r else t.new_zeros(B, 0, t.shape[-1])
+    return o, torch.stack(s, 1), r
+
+
+@torch.no_grad()
+def direct_negatives(direct, hist, target, n_items, gen):
+    """Spec §4.3.4 [R]: the rejected item is the direct model's greedy top-1 when it is wrong;
+    when it is right (or not an item) a random other item stands in."""
+    # Reconstructed: "contrast with the direct recommender": its wrong guess is the hard negative.
+    top1 = beam_search(direct, hist, 1)[0]  # (B, 1, T)
+    pred = direct.tokens_to_items(top1[:, 0, :direct.M])  # (B,)
+    other = random_other(target, n_items, (1,), gen)[:, 0]
+    return torch.where((pred == target) | (pred == 0), other, pred)
+
+
+def stage2_sft(cfg, ds, sids, device, bench_steps=0):
+    """Stage 2: annotate traces online, then train on them with
+    L = CE + l_con L_con + l_quant L_quant + l_dpo L_DPO + l_usage L_usage."""
+    if bench_steps:  # --benchmark: fresh weights cost the same time
+        model, direct = new_model(cfg, sids, cfg.trace_len, device), new_model(cfg, sids, 0, device)
+    else:
+        model, _ = load_stage(cfg, "stage1", sids, device, "stage 2")  # Spec §3.4: stage 1 inits
+        direct = load_stage(cfg, "base", sids, device, "stage 2 (DPO)")[0] if cfg.lambda_dpo else None
+    if direct is not None:  # frozen, no dropout
+        direct.eval().requires_grad_(False)
+    # Reconstructed: the DPO reference is the policy frozen at the start of stage 2 (= stage 1).
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = adamw(model, cfg.sft_lr, cfg)
+    gen = torch.Generator(device=device).manual_seed(stage_seed(cfg, "stage2"))
+    l = model.l
+
+    def step(hist, target, epoch):
+        memory = model.encode(hist)
+        # ALGO LOGIC: online annotation (Spec §4.2 [R]), decoder dropout off: the labels are the
+        # current model's own inference; the losses use the training pass below.
+        model.eval()
+        frozen = dict(kv=[(k.detach(), v.detach()) for k, v in memory["kv"]], mask=memory["mask"])
+        o = stage2_annotate(model, frozen, target)[0]  # (B, l)
+        model.train()
+        y = output_seq(model, o[:, None], target[:, None])  # (B, 1, T) = [o ; SID ; EOS]
+        lp, d = teacher_forced(model, memory, y)
+        tok = token_logp(lp, y)  # (B, 1, T)
+        # Reconstructed (Spec §4.3 stability tip): the first sft_warmup epochs train CE on the
+        # target tokens only; labels from untrained MLPs are noise.
+        weight = model.choice.float().clone()
+        if epoch <= cfg.sft_warmup:
+            weight[:l] = 0
+        ce = ce_loss(tok, weight)  # L_SFT (Spec §4.3.1)
+        sid_w = model.choice.float().clone()
+        sid_w[:l] = 0  # diagnostics: the CE of the thinking tokens and of the SID tokens apart
+        ce_sid, ce_think = ce_loss(tok, sid_w).detach(), ce_loss(tok, model.choice.float() - sid_w).detach()
+        # Note: causal decoding makes d_j of this pass the states the loop saw (up to dropout).
+        t = target_repr(model, target)
+        s, r = annotation_states(model, d[:, 0, :l + 1], t)
+        con = info_nce(s[:, 1:], t, target, cfg.tau_con)  # L_con (Spec §4.3.2), steps 1..l
+        quant = quant_loss(r, model.emb(o), cfg.quant_beta)  # L_quant (Spec §4.3.3)
+        # Reconstructed: without this term the self-labelled traces collapse to one or two
+        # tokens within ~2 epochs (CE teaches the decoder its own labels, which moves the
+        # states that choose them); README "Stage 2 and trace collapse".
+        usage = usage_loss(r, model.emb.weight[FIRST_CODE:])
+        dpo = acc = torch.zeros((), device=device)
+        if cfg.lambda_dpo:  # L_DPO (Spec §4.3.4): chosen [o ; target], rejected [o ; direct's miss]
+            neg = direct_negatives(direct, hist, target, ds.n_items, gen)
+            y_l = output_seq(model, o[:, None], neg[:, None])
+            pol_l = token_logp(teacher_forced(model, memory, y_l)[0], y_l).sum((1, 2))
+            with torch.no_grad():
+                rmem = ref.encode(hist)
+                ref_w = token_logp(teacher_forced(ref, rmem, y)[0], y).sum((1, 2))
+                ref_l = token_logp(teacher_forced(ref, rmem, y_l)[0], y_l).sum((1, 2))
+            dpo, acc = dpo_loss(tok.sum((1, 2)), pol_l, ref_w, ref_l, cfg.beta_dpo)
+        loss = ce + cfg.lambda_con * con + cfg.lambda_quant * quant + cfg.lambda_dpo * dpo + \
+            cfg.lambda_usage * usage
+        update(model, opt, loss, cfg, "stage2")
+        # Spec §4.3 tip: watch code usage. Perplexity of the batch's o_i histogram, 1 = collapse.
+        p = torch.bincount(o.flatten(), minlength=model.emb.num_embeddings).float() / max(o.numel(), 1)
+        ppl = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+        return dict(loss=loss, ce=ce, ce_think=ce_think, ce_sid=ce_sid, con=con, quant=quant,
+                    usage=usage, dpo=dpo, dpo_acc=acc, o_ppl=ppl)
+
+    return fit(cfg, "stage2", model, step, ds, sids, device, cfg.batch_size, cfg.epochs,
+               cfg.max_examples, bench_steps)
+
+
+# -----------------------------------------------------------------------------
+# Stage 3: reinforcement learning with GRPO and five rewards (Spec §4b)
+# -----------------------------------------------------------------------------
+@torch.no_grad()
+def sample(model, memory, W, temp, gen):
+    """W rollouts per history from the policy: tokens (B, W, T), states d (B, W, T, D)."""
+    B = memory["mask"].shape[0]
+    inp, cache, ys, ds = torch.full((B, W, 1), BOS, device=gen.device), None, [], []
+    for p in range(model.T):
+        d, cache = model.decode(memory, inp, p, cache)  # (B, W, 1, D)
+        probs = (model.log_probs(d, p)[:, :, 0] / temp).softmax(-1)  # (B, W, V)
+        inp = torch.multinomial(probs.flatten(0, 1), 1, generator=gen).view(B, W, 1)
+        ys.append(inp)
+        ds.append(d)
+    return torch.cat(ys, 2), torch.cat(ds, 2)
+
+
+@torch.no_grad()
+def stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, n_items, gen):
+    """Spec §4b: the five reward terms of every rollout, (B, G, 5). Formulas are [R]."""
+    B, G, T = y.shape
+    l, M = policy.l, policy.M
+    sid, tgt = y[..., l:l + M], policy.item_tokens[target][:, None]  # (B, G, M), (B, 1, M)
+    valid = (policy.tokens_to_items(sid) > 0) & (y[..., l + M] == EOS)
+    # Reconstructed: the note names the five rewards; every formula below is ours (Spec §4b).
+    fmt = -(~valid).float()  # 1. format: -1 unless the output parses to an item
+    match = (sid == tgt).long().cumprod(-1).sum(-1) / M  # 2. exact-match prefix / M, 1 = hit
+    t = target_repr(policy, target)[:, None]  # (B, 1, D)
+    sim = F.cosine_similarity(policy.mlp_s(d[:, :, :l + 1].sum(2)), t, dim=-1)  # 3. cos(s_l, t)
+    lik, rank = torch.zeros_like(fmt), torch.zeros_like(fmt)
+    if cfg.w_lik or cfg.w_rank:
+        # Candidates [target, negatives] scored by log P(SID ; EOS | x, sampled trace): one
+        # teacher-forced pass over (B, G*C) sequences sharing each rollout's trace.
+        C = 1 + (cfg.rank_negs if cfg.w_rank else 0)
+        cand = torch.cat([target[:, None], random_other(target, n_items, (C - 1,), gen)], 1)  # (B, C)
+        trace = y[..., None, :l].expand(B, G, C, l)
+        seq = output_seq(policy, trace, cand[:, None].expand(B, G, C)).flatten(1, 2)  # (B, G*C, T)
+        score = token_logp(teacher_forced(policy, memory, seq)[0], seq)[..., l:].sum(-1).view(B, G, C)
+        if cfg.w_lik:  # 4. thinking likelihood vs. answering directly, tanh-squashed
+            y0 = output_seq(direct, hist[:, None, :0], target[:, None])  # (B, 1, M+1)
+            direct_lp = token_logp(teacher_forced(direct, direct.encode(hist), y0)[0], y0).sum((1, 2))
+            lik = torch.tanh((score[..., 0] - direct_lp[:, None]) / M)
+        if cfg.w_rank:  # 5. rank of the target among N uniform random negatives: 1 - (rank-1)/N
+            rank = 1 - (score[..., 1:] > score[..., :1]).float().sum(-1) / (C - 1)
+    return torch.stack([fmt, match, sim, lik, rank], -1)
+
+
+REWARDS = ("format", "match", "sim", "lik", "rank")
+
+
+def stage3_rl(cfg, ds, sids, device, bench_steps=0):
+    """Stage 3: GRPO from the stage-2 model, KL-anchored to a frozen copy of it (Spec §4b)."""
+    if bench_steps:
+        policy, direct = new_model(cfg, sids, cfg.trace_len, device), new_model(cfg, sids, 0, device)
+    else:
+        policy, _ = load_stage(cfg, "stage2", sids, device, "stage 3")
+        direct = load_stage(cfg, "base", sids, device, "stage 3 (likelihood reward)")[0] \
+            if cfg.w_lik else None
+    if direct is not None:  # frozen, no dropout
+        direct.eval().requires_grad_(False)
+    ref = copy.deepcopy(policy).eval().requires_grad_(False)
+    opt = adamw(policy, cfg.rl_lr, cfg)
+    gen = torch.Generator(device=device).manual_seed(stage_seed(cfg, "stage3"))
+    w = torch.tensor([cfg.w_format, cfg.w_match, cfg.w_sim, cfg.w_lik, cfg.w_rank], device=device)
+    weight = policy.choice.float()  # tokens with a real choice carry the policy gradient
+
+    def step(hist, target, epoch):
+        # Note: every RL pass runs without dropout, so rho and the KL compare the same function.
+        policy.eval()
+        with torch.no_grad():  # ALGO LOGIC: rollouts, rewards and advantages (Spec §4b)
+            memory = policy.encode(hist)
+            y, d = sample(policy, memory, cfg.group_size, cfg.rl_temp, gen)  # (B, G, T)
+            rewards = stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, ds.n_items, gen)
+            R = rewards @ w  # (B, G) total reward sum_k w_k r_k
+            adv = group_advantages(R)  # (B, G)
+            old_lp = token_logp(teacher_forced(policy, memory, y)[0], y)  # (B, G, T) pi_old
+            ref_lp = token_logp(teacher_forced(ref, ref.encode(hist), y)[0], y)
+        for _ in range(cfg.rl_inner):  # ALGO LOGIC: clipped policy updates on the same rollouts
+            lp_all = teacher_forced(policy, policy.encode(hist), y)[0]  # (B, G, T, V)
+            loss, st = grpo_loss(token_logp(lp_all, y), old_lp, ref_lp, adv, cfg.clip_eps,
+                                 cfg.beta_kl, weight)
+            update(policy, opt, loss, cfg, "stage3")
+        p = lp_all.detach().exp()
+        ent = -(p * lp_all.detach().masked_fill(p == 0, 0)).sum(-1)  # (B, G, T) entropy (nats)
+        logs = {f"r_{k}": rewards[..., i].mean() for i, k in enumerate(REWARDS)}
+        return dict(loss=loss, reward=R.mean(), **logs, kl=st["kl"], clip_frac=st["clip_frac"],
+                    entropy=(ent * weight).sum() / (weight.sum() * y[..., 0].numel()))
+
+    return fit(cfg, "stage3", policy, step, ds, sids, device, cfg.rl_batch, cfg.rl_epochs,
+               cfg.rl_max_examples, bench_steps)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: batched beam search over trace + SID (Spec §2.5, §5.3), shared metrics (data.py)
+# -----------------------------------------------------------------------------
+@torch.no_grad()
+def beam_search(model, hist, beam, greedy_trace=False):
+    """Keep the `beam` most probable partial outputs per history, all histories at once.
+    Returns tokens (B, W, T) and log-probs (B, W), best first; -inf marks a dead beam (fewer
+    than `beam` possible outputs). greedy_trace: width 1 over the l thinking positions."""
+    # Reconstructed (Spec §2.5, §7.13): one beam over the whole trace + SID (the spec's
+    # recommendation); --trace-decode greedy is the alternative it names.
+    memory = model.encode(hist)
+    B, dev = hist.shape[0], hist.device
+    inp, cache = torch.full((B, 1, 1), BOS, device=dev), None
+    score, seqs = torch.zeros(B, 1, device=dev), torch.zeros(B, 1, 0, dtype=torch.long, device=dev)
+    for p in range(model.T):
+        d, cache = model.decode(memory, inp, p, cache)  # (B, W, 1, D)
+        cand = (score[..., None] + model.log_probs(d, p)[:, :, 0]).flatten(1)  # (B, W*V)
+        width = 1 if greedy_trace and p < model.l else beam
+        score, idx = cand.topk(min(width, cand.shape[1]), dim=1)  # (B, W') best first
+        src, tok = idx // model.emb.num_embeddings, idx % model.emb.num_embeddings
+        rows = torch.arange(B, device=dev)[:, None]
+        seqs = torch.cat([seqs[rows, src], tok[..., None]], 2)  # (B, W', p+1)
+        cache = [tuple(c.unflatten(0, (B, -1))[rows, src].flatten(0, 1) for c in kv) for kv in cache]
+        inp = tok[..., None]
+    return seqs, score
+
+
+def beams_to_items(model, seqs, score):
+    """Beams -> ranked item ids (B, W): invalid SIDs dropped, an item's later (worse) beams
+    merged into its best one, and the gaps moved to the end as PAD (= empty slot)."""
+    l, M = model.l, model.M
+    items = model.tokens_to_items(seqs[..., l:l + M])  # (B, W)
+    items = torch.where((seqs[..., l + M] == EOS) & torch.isfinite(score), items, 0)
+    invalid = int(((items == 0) & torch.isfinite(score)).sum())
+    # Reconstructed (Spec §2.5): beams of one item collapse onto the best one (max, not sum).
+    dup = torch.triu(items[:, :, None] == items[:, None, :], diagonal=1).any(1)  # seen before
+    items = torch.where(dup, 0, items)
+    order = torch.argsort((items == 0).long(), dim=1, stable=True)  # keeps the score order
+    return items.gather(1, order), invalid
+
+
+def evaluate_split(cfg, model, split, beam, device):
+    """Shared full-ranking metrics (data.evaluate) of beam-search lists, plus trace statistics:
+    distinct thinking tokens and their entropy on the top beam, and the invalid-beam rate."""
+    model.eval()
+    usage = torch.zeros(model.emb.num_embeddings, device=device)
+    count = dict(invalid=0, beams=0)
+
+    def score_fn(hist):
+        seqs, score = beam_search(model, hist, beam, cfg.trace_decode == "greedy")
+        items, invalid = beams_to_items(model, seqs, score)
+        usage.index_add_(0, seqs[:, 0, :model.l].flatten(), torch.ones(hist.shape[0] * model.l, device=device))
+        count["invalid"] += invalid
+        count["beams"] += int(torch.isfinite(score).sum())
+        # Note: data.rank_metrics indexes past its tables when a list is shorter than the
+        # largest cut-off (20), so short lists (beam < 20) are padded with empty (PAD) slots.
+        return F.pad(items, (0, max(0, max(data.KS) - items.shape[1])), value=data.PAD)
+
+    # Note: data.evaluate removes the case's history items from the lists (the shared protocol,
+    # --mask-history); a beam that ends in a seen item is then wasted, so beams are wider than 20.
+    m = data.evaluate(score_fn, split, cfg.max_len, device=device, batch_size=cfg.eval_batch,
+                      mask_history=cfg.mask_history)
+    p = usage[usage > 0] / usage.sum().clamp(min=1)
+    m.update(invalid_rate=count["invalid"] / max(count["beams"], 1), trace_distinct=int((usage > 0).sum()),
+             trace_entropy_bits=float(-(p * p.log2()).sum()))
+    return m
+
+
+def fmt_metrics(m):
+    return (f"R@10 {m['recall@10']:.4f} N@10 {m['ndcg@10']:.4f} R@20 {m['recall@20']:.4f} "
+            f"N@20 {m['ndcg@20']:.4f} | invalid {100 * m['invalid_rate']:.1f}% | trace "
+            f"{m['trace_distinct']} tokens, {m['trace_entropy_bits']:.2f} bits")
+
+
+# -----------------------------------------------------------------------------
+# Main
+# -----------------------------------------------------------------------------
+STAGE_FNS = {"base": train_base, "stage1": stage1_pretrain, "stage2": stage2_sft, "stage3": stage3_rl}
+
+
+def benchmark(cfg, ds, sids, device, keys):
+    """Time each stage's training steps and a full beam-search pass over the test users."""
+    out = dict(semantic_ids_s=sids["report"]["build_s"], train_examples_per_s={}, decode_s={})
+    for key in keys:
+        out["train_examples_per_s"][key] = STAGE_FNS[key](cfg, ds, sids, device, cfg.benchmark_steps)
+        print(f"benchmark {key}: {out['train_examples_per_s'][key]}")
+    for l in sorted({0, cfg.trace_len}):
+        model, t0 = new_model(cfg, sids, l, device), time.time()
+        evaluate_split(cfg, model, ds.test, cfg.beam_test, device)
+        out["decode_s"][f"l={l}"] = dict(seconds=round(time.time() - t0, 1), cases=len(ds.test),
+                                         beam=cfg.beam_test)
+        print(f"benchmark decode l={l}: {out['decode_s'][f'l={l}']}")
+    out["peak_rss_mib"] = peak_rss_mib()
+    if device.type == "cuda":
+        out["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def main(argv=None) -> dict:
+    cfg = None
+    try:
+        cfg = parse_args(argv)
+        device = pick_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        print(f"STREAM-Rec | device {device} | torch {torch.__version__} | float32 | seed {cfg.seed}")
+        print("config", json.dumps(dataclasses.asdict(cfg)))
+        set_seed(cfg.seed)
+        ds = data.load_dataset(cfg.dataset, cfg.data_dir, verbose=True, split=cfg.split,
+                               min_rating=cfg.min_rating, kcore=cfg.kcore)
+        sids = build_semantic_ids(cfg, ds)
+        os.makedirs(cfg.out, exist_ok=True)
+        keys = [key for flag, key in STAGES.items() if flag in [s.strip() for s in cfg.stages.split(",")]]
+        if cfg.benchmark:
+            res = dict(config=dataclasses.asdict(cfg), dataset=ds.stats, device=str(device),
+                       torch=torch.__version__, benchmark=benchmark(cfg, ds, sids, device, keys))
+            save_atomic(res, os.path.join(cfg.out, "benchmark.json"))
+            return res
+        if cfg.eval_only:  # e.g. another --trace-decode or beam size for trained stages
+            res = dict(config=dataclasses.asdict(cfg), dataset=ds.stats)
+            for key in keys:
+                model = load_stage(cfg, key, sids, device, "--eval-only")[0]
+                res[key] = dict(valid=evaluate_split(cfg, model, ds.valid, cfg.beam_valid, device),
+                                test=evaluate_split(cfg, model, ds.test, cfg.beam_test, device))
+                print(f"{key} valid {fmt_metrics(res[key]['valid'])}\n{key} TEST  {fmt_metrics(res[key]['test'])}")
+            save_atomic(res, os.path.join(cfg.out, "eval.json"))
+            return res
+        path = os.path.join(cfg.out, "results.json")
+        old = {}
+        if os.path.exists(path):  # stages not rerun keep their entries
+            with open(path) as f:
+                old = json.load(f)
+        res = dict(config=dataclasses.asdict(cfg), dataset=ds.stats, device=str(device),
+                   torch=torch.__version__, semantic_ids=sids["report"])
+        res.update({k: old[k] for k in STAGES.values() if k in old})
+        for key in keys:
+            if cfg.resume and os.path.exists(ckpt_path(cfg, key)):
+                ck = load_stage(cfg, key, sids, "cpu", "--resume")[1]
+                if ck["done"]:  # a stage interrupted mid-way is rerun from its start
+                    res[key] = ck["result"]
+                    print(f"{key}: finished checkpoint found, skipped (--resume)")
+                    continue
+            print(f"--- {key} ---")
+            set_seed(stage_seed(cfg, key))  # dropout etc.: same numbers whether run alone or not
+            res[key] = STAGE_FNS[key](cfg, ds, sids, device)
+            save_atomic(res, path)
+        save_atomic(res, path)
+        summary = " | ".join(f"{k} R@10 {res[k]['test']['recall@10']:.4f}" for k in STAGES.values() if k in res)
+        print(f"results in {path}: {summary}")
+        return res
+    except (data.DataError, RunError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        where = cfg.out if cfg else "--out"
+        sys.exit(f"interrupted: finished stages and best checkpoints are in {where}; rerun with --resume")
 
 
 if __name__ == "__main__":
