@@ -204,7 +204,7 @@ def check_config(cfg):
     need(cfg.trace_len >= 0, f"--trace-len must be >= 0 (got {cfg.trace_len})")
     for name in ("levels", "max_len", "feature_dim", "d_model", "n_heads", "d_ff", "enc_layers",
                  "dec_layers", "epochs", "rl_epochs", "batch_size", "rl_batch", "beam_valid", "beam_test",
-                 "eval_batch", "kmeans_iters", "cooc_window", "benchmark_steps"):
+                 "eval_batch", "kmeans_iters", "benchmark_steps"):
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 "
              f"(got {getattr(cfg, name)})")
     for name in ("max_examples", "rl_max_examples", "patience", "codebook_size",
@@ -220,6 +220,10 @@ def check_config(cfg):
     need(cfg.group_size >= 2, f"--group-size must be >= 2: GRPO normalises rewards within a "
          f"group (got {cfg.group_size})")
     need(cfg.rl_inner >= 1, f"--rl-inner must be >= 1 (got {cfg.rl_inner})")
+    need(cfg.cooc_window >= 2, f"--cooc-window must be >= 2: items closer than the window are "
+         f"paired, so 1 pairs nothing (got {cfg.cooc_window})")
+    need(cfg.rank_negs >= 1 or not cfg.w_rank, f"--rank-negs must be >= 1 while --w-rank is on "
+         f"(got {cfg.rank_negs}); the ranking reward ranks the target among them")
     need(cfg.codebook_size <= 256 or cfg.codebook_size == 0, "--codebook-size must be <= 256")
     need(cfg.dropout < 1, f"--dropout must be < 1 (got {cfg.dropout})")
     need(cfg.features in ("auto", "text", "cooc"), f"--features must be auto, text or cooc "
@@ -780,9 +784,19 @@ def load_stage(cfg, key, sids, device, needed_by):
         asked = ", ".join(f"{k}={getattr(cfg, k, want.get(k))}" for k in diff)
         raise RunError(f"{path} has {saved}, but this run asks for {asked}; use the same flags "
                        f"or a new --out")
+    if not ck["done"] and needed_by not in ("--resume", "--eval-only"):
+        flag = {v: k for k, v in STAGES.items()}[key]
+        raise RunError(f"{path} holds a {key} run that did not finish (interrupted?), so "
+                       f"{needed_by} cannot start from it; rerun --stages {flag} with the same --out")
     model = StreamRec(sids["codes"], **ck["model_args"]).to(device)
     model.load_state_dict(ck["model"])
     return model, ck
+
+
+# Flags that may differ between a finished stage and a --resume of it: they do not change what
+# the stage trained (everything else must match, or the results would mix two settings).
+RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benchmark",
+            "benchmark_steps", "stages", "eval_batch"}
 
 
 def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_examples, bench_steps=0):
@@ -1057,7 +1071,7 @@ def stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, n_items, gen
             direct_lp = token_logp(teacher_forced(direct, direct.encode(hist), y0)[0], y0).sum((1, 2))
             lik = torch.tanh((score[..., 0] - direct_lp[:, None]) / M)
         if cfg.w_rank:  # 5. rank of the target among N uniform random negatives: 1 - (rank-1)/N
-            rank = 1 - (score[..., 1:] > score[..., :1]).float().sum(-1) / (C - 1)
+            rank = 1 - (score[..., 1:] >= score[..., :1]).float().sum(-1) / (C - 1)  # ties count against
     return torch.stack([fmt, match, sim, lik, rank], -1)
 
 
@@ -1080,6 +1094,9 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
     w = torch.tensor([cfg.w_format, cfg.w_match, cfg.w_sim, cfg.w_lik, cfg.w_rank], device=device)
     weight = policy.choice.float()  # tokens with a real choice carry the policy gradient
 
+    def tempered(lp):  # (B, G, T, V) log-probs of the distribution the rollouts are sampled from
+        return lp if cfg.rl_temp == 1 else (lp / cfg.rl_temp).log_softmax(-1)
+
     def step(hist, target, epoch):
         # Note: every RL pass runs without dropout, so rho and the KL compare the same function.
         policy.eval()
@@ -1089,10 +1106,12 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
             rewards = stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, ds.n_items, gen)
             R = rewards @ w  # (B, G) total reward sum_k w_k r_k
             adv = group_advantages(R)  # (B, G)
-            old_lp = token_logp(teacher_forced(policy, memory, y)[0], y)  # (B, G, T) pi_old
-            ref_lp = token_logp(teacher_forced(ref, ref.encode(hist), y)[0], y)
+            old_lp = token_logp(tempered(teacher_forced(policy, memory, y)[0]), y)  # (B, G, T) pi_old
+            ref_lp = token_logp(tempered(teacher_forced(ref, ref.encode(hist), y)[0]), y)
         for _ in range(cfg.rl_inner):  # ALGO LOGIC: clipped policy updates on the same rollouts
-            lp_all = teacher_forced(policy, policy.encode(hist), y)[0]  # (B, G, T, V)
+            # Note: ratio and KL use the same temperature as the sampling (--rl-temp), so the
+            # ratio is exactly 1 at the first update and the clip means what it says.
+            lp_all = tempered(teacher_forced(policy, policy.encode(hist), y)[0])  # (B, G, T, V)
             loss, st = grpo_loss(token_logp(lp_all, y), old_lp, ref_lp, adv, cfg.clip_eps,
                                  cfg.beta_kl, weight)
             update(policy, opt, loss, cfg, "stage3")
@@ -1160,9 +1179,7 @@ def evaluate_split(cfg, model, split, beam, device):
         usage.index_add_(0, seqs[:, 0, :model.l].flatten(), torch.ones(hist.shape[0] * model.l, device=device))
         count["invalid"] += invalid
         count["beams"] += int(torch.isfinite(score).sum())
-        # Note: data.rank_metrics indexes past its tables when a list is shorter than the
-        # largest cut-off (20), so short lists (beam < 20) are padded with empty (PAD) slots.
-        return F.pad(items, (0, max(0, max(data.KS) - items.shape[1])), value=data.PAD)
+        return items  # (B, W) ranked item ids, PAD = empty slot
 
     # Note: data.evaluate removes the case's history items from the lists (the shared protocol,
     # --mask-history); a beam that ends in a seen item is then wasted, so beams are wider than 20.
@@ -1241,14 +1258,25 @@ def main(argv=None) -> dict:
         res = dict(config=dataclasses.asdict(cfg), dataset=ds.stats, device=str(device),
                    torch=torch.__version__, semantic_ids=sids["report"])
         res.update({k: old[k] for k in STAGES.values() if k in old})
+        order = list(STAGES.values())
         for key in keys:
             if cfg.resume and os.path.exists(ckpt_path(cfg, key)):
                 ck = load_stage(cfg, key, sids, "cpu", "--resume")[1]
+                diff = sorted(k for k, v in dataclasses.asdict(cfg).items()
+                              if k not in RUN_ONLY and ck["config"].get(k) != v)
+                if diff:
+                    raise RunError(f"--resume: {ckpt_path(cfg, key)} was trained with other "
+                                   f"settings ({', '.join(f'{k}={ck['config'].get(k)}' for k in diff)}); "
+                                   f"pass the same flags, or rerun without --resume")
                 if ck["done"]:  # a stage interrupted mid-way is rerun from its start
                     res[key] = ck["result"]
                     print(f"{key}: finished checkpoint found, skipped (--resume)")
                     continue
             print(f"--- {key} ---")
+            for later in order[order.index(key) + 1:]:  # they started from the old `key` model
+                if later not in keys and res.pop(later, None) is not None:
+                    print(f"note: {later}'s results dropped from results.json: it was trained "
+                          f"from the previous {key}; rerun --stages {later.replace('stage', '')}")
             set_seed(stage_seed(cfg, key))  # dropout etc.: same numbers whether run alone or not
             res[key] = STAGE_FNS[key](cfg, ds, sids, device)
             save_atomic(res, path)
