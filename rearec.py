@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import data
 
@@ -98,6 +99,7 @@ class Config:
     weight_decay: float = 0.0  # official l2 = 0
     grad_clip: float = 0.0  # max gradient norm, 0 = off (official: off)
     eval_batch_size: int = 512
+    loss_chunk: int = 4096  # cases per chunk of the output-layer losses (memory: chunk x N logits); 0 = all at once
     # run
     device: str = "auto"  # auto | cpu | cuda | cuda:i | mps
     dtype: str = "float32"  # float32 | bfloat16 (autocast, CUDA only)
@@ -138,6 +140,7 @@ def parse_args(argv=None):
         (cfg.max_len >= 0 and cfg.epochs >= 0 and cfg.batch_size > 0 and cfg.lr > 0, "--max-len, --epochs must be >= 0; --batch-size, --lr > 0"),
         (cfg.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, not {cfg.dtype!r}"),
         (cfg.threads >= 0, f"--threads must be >= 0, not {cfg.threads}"),
+        (cfg.loss_chunk >= 0, f"--loss-chunk must be >= 0, not {cfg.loss_chunk}"),
         (cfg.select_metric in [f"{m}@{k}" for m in ("ndcg", "recall", "mrr") for k in data.KS] + ["mrr"],
          f"--select-metric must be ndcg@k, recall@k or mrr@k with k in {data.KS}, or mrr"),
     ]:
@@ -362,8 +365,10 @@ def item_logits(states, item_emb, tau):
 
 
 def ce_loss(R, target, item_emb, tau):
-    """Next-item cross-entropy of one state per case (base/naive/rpe). R (V, D), target (V,)."""
-    return F.cross_entropy(item_logits(R, item_emb, tau), target - 1)
+    """Next-item cross-entropy of one state per case (base/naive/rpe). R (V, D), target (V,).
+    Returns (loss, {"ce": ..}), like the ERL and PRL losses."""
+    ce = F.cross_entropy(item_logits(R, item_emb, tau), target - 1)
+    return ce, {"ce": ce.detach()}
 
 
 def erl_loss(R, target, item_emb, cfg):
@@ -424,13 +429,39 @@ def prl_loss(R, views, target, item_emb, cfg, use_cl):
         loss = loss + cfg.pl_weight * pl
         terms["pl"] = pl.detach()
     if K > 0 and use_cl:
-        clean, noisy = views["clean"][:, 1:], views["noisy"][:, 1:]  # (C, K, D) each
-        sim = torch.einsum("ckd,jkd->kcj", noisy, clean) / cfg.tau  # (K, C, C) anchor c vs clean j
-        labels = torch.arange(sim.shape[1], device=R.device).repeat(K)
-        cl = F.cross_entropy(sim.flatten(0, 1), labels, reduction="sum" if cfg.prl_sum else "mean")
-        cl = cl / sim.shape[1] if cfg.prl_sum else cl
+        cl = rcl_loss(views, cfg)
         loss = loss + cfg.cl_weight * cl
         terms["cl"] = cl.detach()
+    return loss, terms
+
+
+def rcl_loss(views, cfg):
+    """PRL's reasoning-aware contrastive term (paper §3.3), steps 1..K:
+    CL = mean_k mean_c -log softmax_j(r~_k[c] . r_k[j] / tau)[c]   (--prl-sum: sum over k)."""
+    clean, noisy = views["clean"][:, 1:], views["noisy"][:, 1:]  # (C, K, D) each
+    C, K = clean.shape[:2]
+    sim = torch.einsum("ckd,jkd->kcj", noisy, clean) / cfg.tau  # (K, C, C) anchor c vs clean j
+    labels = torch.arange(C, device=sim.device).repeat(K)
+    cl = F.cross_entropy(sim.flatten(0, 1), labels, reduction="sum" if cfg.prl_sum else "mean")
+    return cl / C if cfg.prl_sum else cl
+
+
+def over_chunks(case_loss, R, target, chunk):
+    """case_loss(R, target) -> (mean over its cases, {term: mean}), for all V cases, computed
+    `chunk` cases at a time. Each chunk runs under activation checkpointing: its (chunk, N)
+    logits are recomputed in the backward pass instead of kept, so memory holds one chunk's
+    logits, not V x N of them (about 2 GB per state for 128 ML-1M users). The result equals
+    case_loss(R, target) up to float rounding: every term is a mean over cases."""
+    V = len(target)
+    if chunk == 0 or V <= chunk:
+        return case_loss(R, target)
+    loss, terms = 0.0, {}
+    for i in range(0, V, chunk):
+        part, part_terms = checkpoint(case_loss, R[i:i + chunk], target[i:i + chunk], use_reentrant=False)
+        w = len(target[i:i + chunk]) / V  # chunk means -> the mean over all V cases
+        loss = loss + w * part
+        for k, v in part_terms.items():
+            terms[k] = terms.get(k, 0.0) + w * v
     return loss, terms
 
 
@@ -468,10 +499,12 @@ def compute_loss(model, inputs, targets, cfg, epoch):
         cl_pos = cut
     E = model.item_emb.weight
     if cfg.method == "erl":
-        loss, terms = erl_loss(R_cases, target, E, cfg)
+        loss, terms = over_chunks(lambda R, t: erl_loss(R, t, E, cfg), R_cases, target, cfg.loss_chunk)
     elif cfg.method == "prl":
+        # the per-case terms (CE_K, PL) in chunks; the contrastive term once, below
+        loss, terms = over_chunks(lambda R, t: prl_loss(R, None, t, E, cfg, use_cl=False),
+                                  R_cases, target, cfg.loss_chunk)
         use_cl = epoch > cfg.warmup and cfg.cl_weight > 0 and K > 0
-        views = None
         # Deviation: the official code duplicates the batch, so the noisy view re-encodes the items
         # with its own dropout; here it reuses the clean item cache and re-runs only the reasoning
         # steps (the paper's h~ = h + eps perturbs the reasoning inputs only). Official code: the
@@ -480,11 +513,10 @@ def compute_loss(model, inputs, targets, cfg, epoch):
         if use_cl:
             feed = R_cl[:, None, :K]  # (B, 1, K, D) clean r_0..r_{K-1}
             noisy = model.reason(cache, key_ok, cl_pos, R_cl[:, None, 0], K, feed=feed, noise=cfg.noise)
-            views = {"clean": R_cl, "noisy": noisy[:, 0]}
-        loss, terms = prl_loss(R_cases, views, target, E, cfg, use_cl)
+            cl = rcl_loss({"clean": R_cl, "noisy": noisy[:, 0]}, cfg)
+            loss, terms = loss + cfg.cl_weight * cl, terms | {"cl": cl.detach()}
     else:  # base, naive, rpe: CE on the last state r_K (r_0 when K = 0)
-        loss = ce_loss(R_cases[:, -1], target, E, cfg.tau)
-        terms = {"ce": loss.detach()}
+        loss, terms = over_chunks(lambda R, t: ce_loss(R, t, E, cfg.tau), R_cases[:, -1], target, cfg.loss_chunk)
     return loss, terms, len(target)
 
 
@@ -535,7 +567,8 @@ class NonFiniteLoss(Exception):
 
 
 # Fields that may differ between a run and its --resume (everything else must match).
-RUN_ONLY = {"epochs", "patience", "resume", "device", "out", "benchmark", "eval_batch_size", "data_dir", "threads"}
+RUN_ONLY = {"epochs", "patience", "resume", "device", "out", "benchmark", "eval_batch_size", "data_dir", "threads",
+            "loss_chunk"}
 
 
 def train(cfg, model, ds, device):

@@ -1265,9 +1265,9 @@ def main(argv=None) -> dict:
                 diff = sorted(k for k, v in dataclasses.asdict(cfg).items()
                               if k not in RUN_ONLY and ck["config"].get(k) != v)
                 if diff:
+                    saved = ", ".join(f"{k}={ck['config'].get(k)}" for k in diff)
                     raise RunError(f"--resume: {ckpt_path(cfg, key)} was trained with other "
-                                   f"settings ({', '.join(f'{k}={ck['config'].get(k)}' for k in diff)}); "
-                                   f"pass the same flags, or rerun without --resume")
+                                   f"settings ({saved}); pass the same flags, or rerun without --resume")
                 if ck["done"]:  # a stage interrupted mid-way is rerun from its start
                     res[key] = ck["result"]
                     print(f"{key}: finished checkpoint found, skipped (--resume)")

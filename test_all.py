@@ -8,6 +8,7 @@ import http.server
 import json
 import math
 import os
+import shutil
 import threading
 import zipfile
 from pathlib import Path
@@ -647,6 +648,31 @@ def test_prl_loss_against_a_slow_loop(paper_sums):
     assert "cl" not in terms_w and loss_w.item() == pytest.approx((ce_K + 0.7 * pl).item(), abs=1e-5)
 
 
+@pytest.mark.parametrize("method", ["base", "rpe", "erl", "prl"])
+def test_chunked_losses_equal_the_whole_batch(method):
+    """--loss-chunk computes the output-layer losses a few cases at a time (memory); the loss,
+    every logged term and every gradient must equal the one-piece computation."""
+    model = tiny_rearec(method, 0 if method == "base" else 2, warmup=0)
+    x = torch.tensor([[0, 0] + SEQ, [0] + SEQ + [4]])
+    y = torch.cat([x[:, 1:], torch.tensor([[2], [8]])], 1)
+    y[x == 0] = 0
+    results = []
+    for chunk in (0, 3):  # 13 cases: chunks of 3, 3, 3, 3, 1
+        model.cfg.loss_chunk = chunk
+        model.zero_grad()
+        torch.manual_seed(5)  # PRL's contrastive position and noise: the same draws both times
+        loss, terms, n = rearec.compute_loss(model, x, y, model.cfg, epoch=1)
+        loss.backward()
+        results.append((loss.detach(), {k: float(v) for k, v in terms.items()},
+                        [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (l0, t0, g0), (l1, t1, g1) = results
+    assert n == 13 and len(g0) == len(g1) > 0
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    assert t0.keys() == t1.keys() and all(t1[k] == pytest.approx(t0[k], abs=1e-5) for k in t0)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
 def test_prl_warmup_rule_in_training():
     model = tiny_rearec("prl", 2, warmup=2).train()
     x = torch.tensor([[0, 0] + SEQ, [0] + SEQ + [4]])
@@ -1024,6 +1050,23 @@ def test_each_stage_loads_the_previous_checkpoint_and_reruns_alone(tiny_run):
     with pytest.raises(SystemExit) as e:  # the saved stage 1 has another trace length
         sr.main(tiny_args(root / "a", "--stages", "2", "--trace-len", "3"))
     assert "trace_len=2" in str(e.value) and "trace_len=3" in str(e.value)
+    with pytest.raises(SystemExit) as e:  # --resume with another training setting
+        sr.main(tiny_args(root / "a", "--resume", "--lambda-dpo", "0.5"))
+    assert "--resume" in str(e.value) and "lambda_dpo=0.1" in str(e.value)
+
+
+def test_unfinished_parents_and_stale_results(tiny_run):
+    root, res = tiny_run
+    shutil.copytree(root / "a", root / "e")
+    ck = torch.load(root / "e" / "stage2.pt", weights_only=True)
+    torch.save(ck | {"done": False}, root / "e" / "stage2.pt")  # as if stage 2 had been interrupted
+    with pytest.raises(SystemExit) as e:
+        sr.main(tiny_args(root / "e", "--stages", "3"))
+    assert "did not finish" in str(e.value) and "--stages 2" in str(e.value)
+    # rerunning stage 2 alone drops stage 3's results: they were trained from the old stage 2
+    again = sr.main(tiny_args(root / "e", "--stages", "2"))
+    saved = json.loads((root / "e" / "results.json").read_text())
+    assert "stage3" not in again and "stage3" not in saved and {"base", "stage1", "stage2"} <= set(saved)
 
 
 def test_same_seed_same_result(tiny_run):
@@ -1057,6 +1100,8 @@ def test_baseline_learns_the_synthetic_data(tmp_path):
     (["--group-size", "1"], "--group-size must be >= 2"),
     (["--rl-lr", "0"], "--rl-lr must be > 0"),
     (["--d-model", "30", "--n-heads", "4"], "divisible"),
+    (["--cooc-window", "1"], "--cooc-window must be >= 2"),
+    (["--rank-negs", "0"], "--rank-negs must be >= 1 while --w-rank is on"),
     (["--dataset", "no-such-set"], "unknown dataset 'no-such-set'"),
 ])
 def test_bad_flags_give_one_clear_line(args, message):
