@@ -36,10 +36,12 @@ Shapes: B batch, L history window, P reasoning chains per row (L when training e
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
 import random
+import re
 import resource
 import sys
 import time
@@ -63,9 +65,9 @@ class Config:
     # data (data.py documents every preprocessing default)
     dataset: str = "synthetic"  # synthetic | ml-1m | amazon2023-<Cat>[-time] | ... | a file path
     data_dir: str = "data"  # download cache
-    split: str | None = None  # loo | time (default: per dataset)
-    min_rating: float | None = None  # implicit-feedback threshold (default: per dataset)
-    kcore: int | None = None  # k-core filter, 0 = off (default: per dataset)
+    split: str | None = None  # loo | time; None = the dataset's default
+    min_rating: float | None = None  # implicit-feedback threshold; None = the dataset's default
+    kcore: int | None = None  # k-core filter, 0 = off; None = the dataset's default
     max_len: int = 0  # L, items of history read; 0 = auto: 200 if the average sequence is > 100 items (SASRec's ML-1M), else 50 (paper's setup)
     mask_history: bool = True  # evaluation: do not rank items already in the history (Deviation: paper/official do not mask; --no-mask-history)
     # model
@@ -114,19 +116,32 @@ class Config:
 METHODS = ("base", "naive", "rpe", "erl", "prl")
 
 
+def field_help():
+    """Config field -> its trailing comment, so --help shows exactly the comments above."""
+    try:
+        return dict(re.findall(r"^\s+(\w+): [^#\n]*#\s*(.*)$", inspect.getsource(Config), flags=re.M))
+    except (OSError, TypeError):  # no source (e.g. a frozen build): flags without help text
+        return {}
+
+
 def parse_args(argv=None):
     """argparse generated from the Config fields: --max-len (or --max_len), --no-mask-history..."""
-    p = argparse.ArgumentParser(description="ReaRec (arXiv:2503.22675)")
+    p = argparse.ArgumentParser(description="ReaRec (arXiv:2503.22675): SASRec/BERT4Rec + latent "
+                                "reasoning steps, trained with ERL or PRL, full-ranking evaluation.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = field_help()
     for f in dataclasses.fields(Config):
         if f.name == "n_items":
             continue
         flags = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        text = helps.get(f.name, "").replace("%", "%%")
         if f.type is bool:
-            p.add_argument(*flags, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction)
+            p.add_argument(*flags, dest=f.name, default=f.default, action=argparse.BooleanOptionalAction,
+                           help=text)
         else:
             kind = {"int | None": int, "float | None": float, "str | None": str}.get(str(f.type), f.type)
             p.add_argument(*flags, dest=f.name, default=f.default, type=kind, metavar=f.name.upper(),
-                           help=f"(default: {f.default})")
+                           help=text)
     cfg = Config(**vars(p.parse_args(argv)))
     for ok, message in [
         (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}"),
