@@ -673,6 +673,28 @@ def test_chunked_losses_equal_the_whole_batch(method):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["base", "naive", "rpe", "erl", "prl"])
+@pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
+def test_every_method_trains_and_infers_for_K_0_to_5(method, backbone):
+    """The official code crashes or returns NaN for several (method, K); here every one gives a
+    finite loss, finite gradients and (K+1) states (base always has K = 0)."""
+    x = torch.tensor([[0, 0] + SEQ, [0] + SEQ + [4]])
+    y = torch.cat([x[:, 1:], torch.tensor([[2], [8]])], 1)
+    y[x == 0] = 0
+    for K in range(6):
+        model = tiny_rearec(method, K, backbone, warmup=0).train()
+        loss, terms, _ = rearec.compute_loss(model, x, y, model.cfg, epoch=1)
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)) for v in terms.values())
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        with torch.no_grad():
+            R = model.eval()(x)
+        assert R.shape == (2, model.cfg.steps + 1, 16) and torch.isfinite(R).all()
+        assert model.cfg.steps == (0 if method == "base" else K)
+        if method == "prl" and K > 0:
+            assert "cl" in terms  # warm-up 0: the contrastive term is on from epoch 1
+
+
 def test_prl_warmup_rule_in_training():
     model = tiny_rearec("prl", 2, warmup=2).train()
     x = torch.tensor([[0, 0] + SEQ, [0] + SEQ + [4]])
