@@ -962,6 +962,8 @@ def main(argv=None):
     p.add_argument("--stats", action="store_true", help="print dataset statistics as one JSON object")
     p.add_argument("--download", action="store_true", help="only fetch the files into --data-dir")
     p.add_argument("--with-meta", action="store_true", help="with --download: also fetch item metadata")
+    p.add_argument("--benchmark", action="store_true",
+                   help="time the metric code alone on the test split (random scores, history masked)")
     args = p.parse_args(argv)
     try:
         if args.download:
@@ -976,8 +978,28 @@ def main(argv=None):
         ds = load_dataset(args.dataset, args.data_dir, verbose=not args.stats, **_data_kwargs(args))
     except DataError as e:
         sys.exit(f"error: {e}")
+    if args.benchmark:
+        return benchmark_metrics(ds)
     print(json.dumps(ds.stats))
     return ds.stats
+
+
+def benchmark_metrics(ds, repeats=5):
+    """Seconds that rank_metrics itself takes for every test case at once: a (cases, N+1) score
+    matrix (random, so ties are rare), history masked. The best of `repeats` runs."""
+    split = ds.test
+    scores = torch.randn(len(split), ds.n_items + 1, generator=torch.Generator().manual_seed(0))
+    targets = torch.from_numpy(split.targets)
+    history = torch.from_numpy(windows(split.items, split.starts, split.ends, max(int(split.lengths().max()), 1)))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        rank_metrics(scores, targets, history)
+        times.append(time.perf_counter() - t0)
+    res = dict(cases=len(split), items=ds.n_items, history_columns=history.shape[1],
+               metric_seconds=round(min(times), 4), threads=torch.get_num_threads(), torch=torch.__version__)
+    print(json.dumps(res))
+    return res
 
 
 if __name__ == "__main__":

@@ -445,6 +445,8 @@ def test_cli_stats_json(tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert stats["users"] == 2 and stats["items"] == 3 and stats["interactions"] == 5
     assert stats["min_len"] == 2 and stats["max_len"] == 3 and stats["test_cases"] == 1
+    res = data.main(["--benchmark"])  # the metric-speed command, on the synthetic data
+    assert res["cases"] == 2000 and res["items"] == 400 and res["metric_seconds"] > 0
 
 
 # --- The real ML-1M files, where the shared data folder is present -----------------------------------
