@@ -382,6 +382,9 @@ def residual_kmeans(vecs, levels, size, iters, seed):
     # collide for a third of the items; 256 codes for 400 items would make every code unique).
     k = size or min(256, max(2, math.ceil((8 * n) ** (1 / levels) - 1e-9)))
     k = min(k, n)
+    if k ** levels * n >= 2 ** 62:  # code tuples become int64 keys (dedup digit < n included)
+        raise RunError(f"{levels} levels of {k} codes for {n} items address more code tuples than an "
+                       f"int64 key holds; use fewer --levels or a smaller --codebook-size")
     gen = torch.Generator().manual_seed(seed)
     residual, codes = vecs.clone(), []
     for _ in range(levels):

@@ -1126,6 +1126,7 @@ def test_baseline_learns_the_synthetic_data(tmp_path):
     (["--d-model", "30", "--n-heads", "4"], "divisible"),
     (["--cooc-window", "1"], "--cooc-window must be >= 2"),
     (["--rank-negs", "0"], "--rank-negs must be >= 1 while --w-rank is on"),
+    (["--levels", "9", "--codebook-size", "256", "--stages", "base"], "more code tuples than an int64 key holds"),
     (["--dataset", "no-such-set"], "unknown dataset 'no-such-set'"),
 ])
 def test_bad_flags_give_one_clear_line(args, message):
