@@ -92,7 +92,7 @@ class Config:
     warmup: int = 2  # epochs without the contrastive term (official: warmup)
     prl_sum: bool = False  # paper's sums over steps (Official code: means, the default)
     # training
-    epochs: int = 200  # maximum epochs (official: 300; early stopping ends runs long before)
+    epochs: int = 0  # maximum epochs; 0 = auto: 20 on the built-in synthetic data (a 1-3 min demo), else 200 (official: 300; early stopping ends runs long before)
     patience: int = 10  # early stopping: epochs without a better validation score (official: 10)
     select_metric: str = "ndcg@20"  # validation metric for model selection (official: NDCG@20)
     batch_size: int = 128  # users per batch; every position of a user is a target
@@ -753,6 +753,10 @@ def main(argv=None):
         cfg.max_len = 200 if ds.stats["avg_len"] > 100 else 50
         print(f"max_len auto -> {cfg.max_len} (average sequence {ds.stats['avg_len']} items; "
               f"200 for long MovieLens-like sequences as SASRec, 50 otherwise as ReaRec)")
+    if cfg.epochs == 0:
+        cfg.epochs = 20 if cfg.dataset == "synthetic" else 200
+        print(f"epochs auto -> {cfg.epochs} (20 for the built-in synthetic demo, 200 otherwise; "
+              f"early stopping after --patience {cfg.patience} epochs without a better validation score)")
     print("config", json.dumps(dataclasses.asdict(cfg)))
     mask = "history masked" if cfg.mask_history else "history not masked"
     print(f"protocol: full ranking over {ds.n_items} items, {mask}, ties share their rank "
