@@ -521,6 +521,14 @@ def reference_states(model, items, K, bidirectional=False):
 SEQ = [3, 7, 1, 12, 5, 9]
 
 
+def tiny_batch():
+    """Two left-padded training rows and their next-item targets (0 = no loss): 13 cases."""
+    x = torch.tensor([[0, 0] + SEQ, [0] + SEQ + [4]])
+    y = torch.cat([x[:, 1:], torch.tensor([[2], [8]])], 1)
+    y[x == 0] = 0
+    return x, y
+
+
 @pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
 @pytest.mark.parametrize("method, K", [("base", 0), ("naive", 2), ("rpe", 1), ("prl", 3)])
 def test_cached_reasoning_equals_reencoding(backbone, method, K):
@@ -655,9 +663,7 @@ def test_chunked_losses_equal_the_whole_batch(method):
     """--loss-chunk computes the output-layer losses a few cases at a time (memory); the loss,
     every logged term and every gradient must equal the one-piece computation."""
     model = tiny_rearec(method, 0 if method == "base" else 2, warmup=0)
-    x = torch.tensor([[0, 0] + SEQ, [0] + SEQ + [4]])
-    y = torch.cat([x[:, 1:], torch.tensor([[2], [8]])], 1)
-    y[x == 0] = 0
+    x, y = tiny_batch()
     results = []
     for chunk in (0, 3):  # 13 cases: chunks of 3, 3, 3, 3, 1
         model.cfg.loss_chunk = chunk
@@ -680,9 +686,7 @@ def test_chunked_losses_equal_the_whole_batch(method):
 def test_every_method_trains_and_infers_for_K_0_to_5(method, backbone):
     """The official code crashes or returns NaN for several (method, K); here every one gives a
     finite loss, finite gradients and (K+1) states (base always has K = 0)."""
-    x = torch.tensor([[0, 0] + SEQ, [0] + SEQ + [4]])
-    y = torch.cat([x[:, 1:], torch.tensor([[2], [8]])], 1)
-    y[x == 0] = 0
+    x, y = tiny_batch()
     for K in range(6):
         model = tiny_rearec(method, K, backbone, warmup=0).train()
         loss, terms, _ = rearec.compute_loss(model, x, y, model.cfg, epoch=1)
@@ -699,9 +703,7 @@ def test_every_method_trains_and_infers_for_K_0_to_5(method, backbone):
 
 def test_prl_warmup_rule_in_training():
     model = tiny_rearec("prl", 2, warmup=2).train()
-    x = torch.tensor([[0, 0] + SEQ, [0] + SEQ + [4]])
-    y = torch.cat([x[:, 1:], torch.tensor([[2], [8]])], 1)
-    y[x == 0] = 0
+    x, y = tiny_batch()
     _, terms2, n = rearec.compute_loss(model, x, y, model.cfg, epoch=2)
     _, terms3, _ = rearec.compute_loss(model, x, y, model.cfg, epoch=3)
     assert "cl" not in terms2 and "cl" in terms3 and n == 13  # every non-padded position is a case
