@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 
@@ -591,36 +592,46 @@ def test_reasoning_position_embeddings_are_their_own_table():
     assert tiny_rearec("base", 0).reason_pos_emb is None
 
 
-def test_erl_loss_against_a_slow_loop():
+@pytest.mark.parametrize("stopgrad, chunk", [(True, 0), (True, 6), (False, 0), (False, 6)])
+def test_erl_loss_against_a_slow_loop(stopgrad, chunk):
+    """ERLLoss writes its gradient by hand: value AND gradients (states and item embeddings) must
+    equal autograd on a slow loop of the paper's formulas, with and without the stop-gradient,
+    in one piece and in chunks."""
     torch.manual_seed(1)
-    cfg = rearec.parse_args(["--method", "erl", "--kl-weight", "0.3", "--tau", "0.5"])
+    cfg = rearec.parse_args(["--method", "erl", "--kl-weight", "0.3", "--tau", "0.5",
+                             "--loss-chunk", str(chunk)] + ([] if stopgrad else ["--no-kl-stopgrad"]))
     V, S, D, N = 3, 3, 4, 5
     R = torch.randn(V, S, D, requires_grad=True)
-    E = torch.randn(N + 1, D)
+    E = torch.randn(N + 1, D, requires_grad=True)
     target = torch.tensor([1, 5, 2])
     loss, terms = rearec.erl_loss(R, target, E, cfg)
     # slow restatement: CE on the mean state; KL(p_j || p_i) over ordered pairs, p_i a constant
-    R2 = R.detach().clone().requires_grad_()
+    R2, E2 = R.detach().clone().requires_grad_(), E.detach().clone().requires_grad_()
     rec, kl, pairs = 0.0, 0.0, 0
     for v in range(V):
-        logits = R2[v].mean(0) @ E[1:].T / 0.5
+        logits = R2[v].mean(0) @ E2[1:].T / 0.5
         rec = rec - torch.log_softmax(logits, 0)[target[v] - 1] / V
         for i in range(S):
             for j in range(S):
                 if i != j:
-                    p_j = torch.softmax(R2[v, j] @ E[1:].T / 0.5, 0)
-                    log_p_i = torch.log_softmax(R2[v, i] @ E[1:].T / 0.5, 0).detach()
+                    p_j = torch.softmax(R2[v, j] @ E2[1:].T / 0.5, 0)
+                    log_p_i = torch.log_softmax(R2[v, i] @ E2[1:].T / 0.5, 0)
+                    log_p_i = log_p_i.detach() if stopgrad else log_p_i
                     kl = kl + (p_j * (p_j.log() - log_p_i)).sum()
                     pairs += 1
     slow = rec - 0.3 * kl / pairs
     assert loss.item() == pytest.approx(slow.item(), abs=1e-5)
+    assert terms["ce"].item() == pytest.approx(rec.item(), abs=1e-5)
     assert terms["kl"].item() == pytest.approx((kl / pairs).item(), abs=1e-5) and terms["kl"] > 0
-    loss.backward()
-    slow.backward()
+    (2 * loss).backward()  # the incoming gradient scales the stored one
+    (2 * slow).backward()
     torch.testing.assert_close(R.grad, R2.grad, atol=1e-5, rtol=1e-4)
-    # K = 0: no pairs, the KL term is 0 (the official code returns NaN)
+    torch.testing.assert_close(E.grad, E2.grad, atol=1e-5, rtol=1e-4)
+    assert E.grad[0].abs().sum() == 0  # PAD is no candidate
+    # K = 0: no pairs, the KL term is 0 (the official code returns NaN); ERL is then plain CE
     loss0, terms0 = rearec.erl_loss(R[:, :1], target, E, cfg)
-    assert torch.isfinite(loss0) and terms0["kl"] == 0
+    assert terms0["kl"] == 0
+    assert loss0.item() == pytest.approx(F.cross_entropy(R[:, 0] @ E[1:].T / 0.5, target - 1).item(), abs=1e-5)
 
 
 @pytest.mark.parametrize("paper_sums", [False, True])
@@ -665,7 +676,7 @@ def test_chunked_losses_equal_the_whole_batch(method):
     model = tiny_rearec(method, 0 if method == "base" else 2, warmup=0)
     x, y = tiny_batch()
     results = []
-    for chunk in (0, 3):  # 13 cases: chunks of 3, 3, 3, 3, 1
+    for chunk in (0, 9):  # 13 cases in pieces of 9 logit rows: 9 + 4 cases (1 row each), 3+3+3+3+1 (erl, prl: 3)
         model.cfg.loss_chunk = chunk
         model.zero_grad()
         torch.manual_seed(5)  # PRL's contrastive position and noise: the same draws both times
