@@ -798,6 +798,20 @@ def test_rearec_bad_flags_give_one_clear_line(args, message):
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_benchmark_command_reports_every_row(tmp_path):
+    """--benchmark: one epoch of base, rpe, erl, prl and evaluation for K = 0..3, in a JSON file."""
+    out = tmp_path / "bench"
+    rearec.main(["--dataset", synthetic_file(tmp_path, 100), "--benchmark", "--hidden", "16",
+                 "--max-len", "10", "--out", str(out)])
+    res = json.loads((out / "benchmark.json").read_text())
+    assert [(r["method"], r["K"]) for r in res["train"]] == [("base", 0), ("rpe", 2), ("erl", 2), ("prl", 2)]
+    assert [r["K"] for r in res["eval"]] == [0, 1, 2, 3]
+    # 100 users with >= 2 training items each; positive times and a plausible resident size
+    assert all(r["epoch_seconds"] > 0 and r["seqs_per_s"] * r["epoch_seconds"] == pytest.approx(100)
+               for r in res["train"])
+    assert all(0.05 < r["peak_rss_gb"] < 64 for r in res["train"] + res["eval"])
+
+
 @pytest.mark.parametrize("method, fix", [("erl", "--kl-weight"), ("prl", "--lr")])
 def test_divergence_is_a_clear_error(tmp_path, method, fix):
     # An absurd learning rate makes the weights overflow within two steps; the run must stop at
