@@ -417,6 +417,7 @@ class ERLLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, R, E, target, tau, kl_weight, stopgrad, chunk):
         # R (V, S, D) states; E (N, D) item embeddings (no PAD row); target (V,) in 0..N-1
+        ctx.dtypes = R.dtype, E.dtype
         with torch.autocast(R.device.type, enabled=False):  # softmax sums over N: float32 always
             R, E = R.float(), E.float()
             V, S, _ = R.shape
@@ -465,7 +466,8 @@ class ERLLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_rec, _grad_kl):
         dR, dE = ctx.saved_tensors
-        return grad_loss * dR, grad_loss * dE, None, None, None, None, None
+        (R_dtype, E_dtype) = ctx.dtypes
+        return (grad_loss * dR).to(R_dtype), (grad_loss * dE).to(E_dtype), None, None, None, None, None
 
 
 def erl_loss(R, target, item_emb, cfg):
