@@ -54,7 +54,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import data
 
@@ -91,7 +90,11 @@ class Config:
     noise: float = 0.01  # gamma, the STD of the noise on reasoning inputs (official noise_factor; the paper's N(0, gamma I) reads as a variance)
     pl_weight: float = 1.0  # weight of the progressive CE on steps 0..K-1 (official)
     cl_weight: float = 1.0  # weight of the reasoning-aware contrastive term (official)
-    warmup: int = 2  # epochs without the contrastive term (official: warmup)
+    cl_tau: float = 0.0  # temperature of the contrastive InfoNCE; 0 = --tau (official: one temperature)
+    cl_anchors: int = 1  # contrastive chains per user, at distinct random positions; only other users' chains are negatives
+    cl_reencode: bool = False  # the noisy view re-encodes the items with its own dropout (official); off: reuse the clean item cache
+    warmup: int = 2  # epochs without the contrastive term (official: warmup); used when --warmup-steps is -1
+    warmup_steps: int = -1  # optimiser steps without the contrastive term; -1 = count --warmup epochs instead (official)
     prl_sum: bool = False  # paper's sums over steps (Official code: means, the default)
     # training
     epochs: int = 0  # maximum epochs; 0 = auto: 20 on the built-in synthetic data (a 1-3 min demo), else 200 (official: 300; early stopping ends runs long before)
@@ -106,7 +109,7 @@ class Config:
     loss_chunk: int = -1  # output-layer losses in pieces of this many logit rows (a row: one state's N scores); -1 = auto: 256 on CPU (cache-sized pieces run fastest), 8192 on GPU; 0 = all at once
     # run
     device: str = "auto"  # auto | cpu | cuda | cuda:i | mps
-    dtype: str = "float32"  # float32 | bfloat16 (autocast, CUDA only)
+    dtype: str = "float32"  # float32 | bfloat16: on CUDA autocast of the whole model; on a CPU with native bf16, the output-layer matmuls only
     threads: int = 0  # CPU threads for torch, 0 = torch's default (use 1 when several runs share a CPU)
     seed: int = 0  # official: 0
     out: str = "runs/rearec"  # checkpoints, log and results.json
@@ -195,6 +198,15 @@ def pick_device(name):
     elif name not in ("cpu", "mps") and not name.startswith("cuda"):
         sys.exit(f"error: --device must be auto, cpu, cuda, cuda:i or mps, not {name!r}")
     return torch.device(name)
+
+
+def cpu_has_bf16():
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 / AMX); elsewhere torch
+    emulates them, slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def save_atomic(obj, path):
@@ -372,20 +384,80 @@ class ReaRec(nn.Module):
 # -----------------------------------------------------------------------------
 # Losses (paper §3.2 ERL, §3.3 PRL)
 # -----------------------------------------------------------------------------
-def item_logits(states, item_emb, tau):
-    """states (..., D) -> logits over the N real items (..., N); column j is item j+1.
-    tau: a number, or a tensor broadcasting against states[..., :1] (PRL's per-step tau_k).
-    Paper: y = softmax(h E^T), a plain dot product with the tied item embeddings.
-    Deviation: the PAD row is no candidate; the official code keeps it in the training softmax
-    (it can never be a target, so removing it only removes noise)."""
-    return (states / tau) @ item_emb[1:].T  # dividing the (.., D) states, not the (.., N) logits
+class CELoss(torch.autograd.Function):
+    """Next-item cross-entropies of S states per case, each at its own temperature, weighted and
+    summed, with the gradient written out (MACHINERY: the formulas are in ce_loss / prl_loss).
+
+    For each case v (V of them) and state s (S of them):
+        z_vs = r_vs E^T / tau_s,   CE_s = mean_v -log softmax(z_vs)[target_v]
+        L = sum_s w_s CE_s
+    base / naive / rpe: S = 1, w = 1. PRL: S = K+1 (r_0..r_K), tau_s = tau alpha^(K-s),
+    w = (pl_weight/K, ..., pl_weight/K, 1) (paper sums: pl_weight instead of pl_weight/K).
+    The gradient w.r.t. the logits is w_s (softmax(z_vs) - onehot(target_v)) / V; each piece of
+    cases turns it into gradients for R and E at once and frees its (cases, S, N) logits. Against
+    autograd with checkpointed pieces (the earlier form) this does 3 output-layer matmuls instead
+    of 4 and one softmax pass instead of three; test_all.py checks value and gradients against
+    autograd on the formulas, and bfloat16 against float32.
+    mm_dtype: the dtype of the three matmuls (torch.bfloat16 with --dtype bfloat16: 2-3x faster on
+    CPUs with native bf16); the softmax always runs in float32.
+    Returns (L, CE_s for every s).
+    """
+
+    @staticmethod
+    def forward(ctx, R, E, target, taus, weights, chunk, mm_dtype):
+        # R (V, S, D); E (N, D) item embeddings (no PAD row); target (V,) in 0..N-1; taus, weights (S,)
+        ctx.dtypes = R.dtype, E.dtype
+        with torch.autocast(R.device.type, enabled=False):
+            R, E = R.float(), E.float()
+            V, S, _ = R.shape
+            inv_tau = (1.0 / taus.float())[:, None]  # (S, 1)
+            w = (weights.float() / max(V, 1))[:, None]  # (S, 1): the mean over cases folded in
+            E_mm, Et_mm = E.to(mm_dtype), E.T.contiguous().to(mm_dtype)  # (N, D), (D, N)
+            dR, dE = torch.empty_like(R), torch.zeros_like(E)
+            ce_sum = R.new_zeros(S)
+            chunk = chunk if chunk > 0 else max(V, 1)
+            for a in range(0, V, chunk):
+                r = R[a:a + chunk] * inv_tau  # (c, S, D): r_s / tau_s
+                t = target[a:a + chunk, None, None].expand(-1, S, 1)  # (c, S, 1)
+                z = (r.to(mm_dtype) @ Et_mm).float()  # (c, S, N) logits
+                p = F.softmax(z, dim=-1)  # (c, S, N): the one pass over all N (no log_softmax)
+                p_t = p.gather(-1, t)  # (c, S, 1)
+                ce = -p_t.log()  # -log softmax(z)[target]
+                low = p_t < 1e-30  # float32 runs out of precision: the target is > 69 nats below (rare)
+                if low.any():
+                    ce = torch.where(low, z.logsumexp(-1, keepdim=True) - z.gather(-1, t), ce)
+                ce_sum += ce.sum(dim=(0, 2))
+                g = p.scatter_add_(-1, t, -torch.ones_like(ce)).mul_(w)  # (c, S, N): w_s (p - onehot) / V
+                g_mm = g.to(mm_dtype)
+                dR[a:a + chunk] = (g_mm @ E_mm).float() * inv_tau  # (c, S, D)
+                dE += (g_mm.flatten(0, 1).T @ r.flatten(0, 1).to(mm_dtype)).float()  # (N, D)
+            ce = ce_sum / max(V, 1)
+        ctx.save_for_backward(dR, dE)
+        ctx.mark_non_differentiable(ce)
+        return (weights.float() * ce).sum(), ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        dR, dE = ctx.saved_tensors
+        R_dtype, E_dtype = ctx.dtypes
+        return (grad_loss * dR).to(R_dtype), (grad_loss * dE).to(E_dtype), None, None, None, None, None
 
 
-def ce_loss(R, target, item_emb, tau):
-    """Next-item cross-entropy of one state per case (base/naive/rpe). R (V, D), target (V,).
-    Returns (loss, {"ce": ..}), like the ERL and PRL losses."""
-    ce = F.cross_entropy(item_logits(R, item_emb, tau), target - 1)
-    return ce, {"ce": ce.detach()}
+def mm_dtype(cfg):
+    """The dtype of the output-layer matmuls: bfloat16 with --dtype bfloat16, else float32."""
+    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+
+
+def ce_loss(R, target, item_emb, cfg):
+    """Next-item cross-entropy of one state per case (base, naive, rpe; paper Eq. for L_Rec):
+        CE = mean_v -log softmax(r_v E^T / tau)[target_v],  a plain dot product with the tied item
+    embeddings. R (V, D), target (V,) item ids, item_emb (N+1, D). Returns (loss, {"ce": ..}).
+    Deviation: the PAD row is no candidate (item_emb[1:]); the official code keeps it in the
+    training softmax. It can never be a target, so removing it only removes noise."""
+    one = R.new_ones(1)
+    loss, _ = CELoss.apply(R[:, None], item_emb[1:], target - 1, cfg.tau * one, one,
+                           piece(cfg, 1, R.device), mm_dtype(cfg))
+    return loss, {"ce": loss.detach()}
 
 
 class ERLLoss(torch.autograd.Function):
@@ -416,20 +488,22 @@ class ERLLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, R, E, target, tau, kl_weight, stopgrad, chunk):
+    def forward(ctx, R, E, target, tau, kl_weight, stopgrad, chunk, mm_dtype=torch.float32):
         # R (V, S, D) states; E (N, D) item embeddings (no PAD row); target (V,) in 0..N-1
+        # mm_dtype: dtype of the output-layer matmuls (as CELoss); softmaxes and KLs in float32
         ctx.dtypes = R.dtype, E.dtype
         with torch.autocast(R.device.type, enabled=False):  # softmax sums over N: float32 always
             R, E = R.float(), E.float()
+            E_mm, Et_mm = E.to(mm_dtype), E.T.contiguous().to(mm_dtype)  # (N, D), (D, N)
             V, S, _ = R.shape
             dR, dE = torch.empty_like(R), torch.zeros_like(E)
             rec_sum, kl_sum = R.new_zeros(()), R.new_zeros(())
             off_diagonal = ~torch.eye(S, dtype=torch.bool, device=R.device)  # (S, S)
             chunk = chunk if chunk > 0 else max(V, 1)  # 0 = all cases at once
             for a in range(0, V, chunk):
-                r, t = R[a:a + chunk], target[a:a + chunk]  # (c, S, D), (c,)
+                r, t = R[a:a + chunk] / tau, target[a:a + chunk]  # (c, S, D) r / tau, (c,)
                 rows = torch.arange(len(t), device=R.device)
-                z = (r / tau) @ E.T  # (c, S, N)
+                z = (r.to(mm_dtype) @ Et_mm).float()  # (c, S, N)
                 # L_rec: CE of the mean state; its logits are the mean of the steps' logits
                 log_q = F.log_softmax(z.mean(dim=1), dim=-1)  # (c, N)
                 rec_sum = rec_sum - log_q[rows, t].sum()
@@ -456,8 +530,9 @@ class ERLLoss(torch.autograd.Function):
                         grad.add_(p, alpha=-w * S).add_(p.sum(1, keepdim=True), alpha=w)
                 else:
                     grad = grad.expand_as(z)
-                dR[a:a + chunk] = (grad @ E) / tau  # (c, S, D)
-                dE += grad.flatten(0, 1).T @ (r.flatten(0, 1) / tau)  # (N, D)
+                grad = grad.to(mm_dtype)
+                dR[a:a + chunk] = (grad @ E_mm).float() / tau  # (c, S, D)
+                dE += (grad.flatten(0, 1).T @ r.flatten(0, 1).to(mm_dtype)).float()  # (N, D)
             rec = rec_sum / V
             kl = kl_sum / (V * S * (S - 1)) if S > 1 else torch.zeros_like(rec)
         ctx.save_for_backward(dR, dE)
@@ -468,14 +543,14 @@ class ERLLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_rec, _grad_kl):
         dR, dE = ctx.saved_tensors
         (R_dtype, E_dtype) = ctx.dtypes
-        return (grad_loss * dR).to(R_dtype), (grad_loss * dE).to(E_dtype), None, None, None, None, None
+        return (grad_loss * dR).to(R_dtype), (grad_loss * dE).to(E_dtype), None, None, None, None, None, None
 
 
 def erl_loss(R, target, item_emb, cfg):
     """ERL loss (ERLLoss above). R (V, K+1, D), target (V,) item ids, item_emb (N+1, D) with the
-    PAD row first (no candidate, as item_logits). Returns (loss, {"ce": L_rec, "kl": mean KL})."""
+    PAD row first (no candidate, as ce_loss). Returns (loss, {"ce": L_rec, "kl": mean KL})."""
     loss, rec, kl = ERLLoss.apply(R, item_emb[1:], target - 1, cfg.tau, cfg.kl_weight, cfg.kl_stopgrad,
-                                  piece(cfg, R.shape[1], R.device))
+                                  piece(cfg, R.shape[1], R.device), mm_dtype(cfg))
     return loss, {"ce": rec, "kl": kl}
 
 
@@ -486,27 +561,23 @@ def prl_loss(R, views, target, item_emb, cfg, use_cl):
     smoother distribution (alpha > 1), the last one the base tau: the reasoning sharpens step by
     step instead of every step copying the previous one (paper: alpha = 1 collapses, 10 is too abrupt).
         CE_K = CE(r_K E^T / tau);  PL = mean_{k<K} CE(r_k E^T / tau_k)
-    Reasoning-aware contrastive learning: the noisy chain's r~_k must pick out its own clean r_k
-    among the other sequences' r_k in the batch (InfoNCE, dot product / tau), k = 1..K:
-        CL = mean_k mean_b -log softmax_b'(r~_k[b] . r_k[b'] / tau)[b]
-    loss = CE_K + pl_weight * PL + cl_weight * CL. CL = 0 during the warm-up epochs (Official
-    code: crashes there, `cl_loss` is undefined). Official code: means over steps and cases; the
-    paper sums over steps (--prl-sum).
-    R (V, K+1, D) clean states at the supervised positions; views {"clean", "noisy"}: (C, K+1, D)
-    states of C contrastive chains (one per sequence) and their noisy re-runs. Returns (loss, terms).
+    Reasoning-aware contrastive learning (rcl_loss): the noisy chain's r~_k must pick out its own
+    clean r_k among the other sequences' r_k in the batch (InfoNCE), k = 1..K.
+    loss = CE_K + pl_weight * PL + cl_weight * CL. CL = 0 during the warm-up (Official code:
+    crashes there, `cl_loss` is undefined). Official code: means over steps and cases; the paper
+    sums over steps (--prl-sum).
+    R (V, K+1, D) clean states at the supervised positions; views: rcl_loss's input (unused when
+    use_cl is False). Returns (loss, terms).
     """
     K = R.shape[1] - 1
-    ce_K = F.cross_entropy(item_logits(R[:, K], item_emb, cfg.tau), target - 1)
-    terms = {"ce": ce_K.detach()}
-    loss = ce_K
+    taus = cfg.tau * cfg.alpha ** torch.arange(K, -1, -1, device=R.device, dtype=torch.float32)  # (K+1,) tau_0..tau_K = tau
+    pl_w = cfg.pl_weight if cfg.prl_sum else cfg.pl_weight / max(K, 1)  # per-step weight of PL
+    weights = torch.tensor([pl_w] * K + [1.0], device=R.device)  # (K+1,)
+    loss, ce = CELoss.apply(R, item_emb[1:], target - 1, taus, weights, piece(cfg, K + 1, R.device),
+                            mm_dtype(cfg))  # CE_K + pl_weight * PL: all K+1 CEs in one pass
+    terms = {"ce": ce[K]}
     if K > 0:
-        taus = cfg.tau * cfg.alpha ** torch.arange(K, 0, -1, device=R.device, dtype=R.dtype)  # (K,) tau_0..tau_{K-1}
-        logits = item_logits(R[:, :K], item_emb, taus[:, None])  # (V, K, N)
-        pl = F.cross_entropy(logits.flatten(0, 1), (target - 1).repeat_interleave(K),
-                             reduction="sum" if cfg.prl_sum else "mean")
-        pl = pl / len(target) if cfg.prl_sum else pl  # sum over steps, mean over cases
-        loss = loss + cfg.pl_weight * pl
-        terms["pl"] = pl.detach()
+        terms["pl"] = ce[:K].sum() if cfg.prl_sum else ce[:K].mean()
     if K > 0 and use_cl:
         cl = rcl_loss(views, cfg)
         loss = loss + cfg.cl_weight * cl
@@ -516,10 +587,20 @@ def prl_loss(R, views, target, item_emb, cfg, use_cl):
 
 def rcl_loss(views, cfg):
     """PRL's reasoning-aware contrastive term (paper §3.3), steps 1..K:
-    CL = mean_k mean_c -log softmax_j(r~_k[c] . r_k[j] / tau)[c]   (--prl-sum: sum over k)."""
+        CL = mean_k mean_c -log softmax_j(r~_k[c] . r_k[j] / tau_cl)[c]   (--prl-sum: sum over k)
+    views: "clean", "noisy" (C, K+1, D), the states of C contrastive chains and their noisy
+    re-runs; optional "group" (C,): chains of one group (one user) are no negatives of each other
+    (their histories overlap); each chain's own clean state stays its positive.
+    tau_cl = --cl-tau, or tau when that is 0 (official: the CE's temperature).
+    Deviation (--cl-tau): the states are post-LayerNorm, |r|^2 ~ D, so at the official tau = 0.07
+    the logits reach D / 0.07 ~ 900 and one near-duplicate negative decides the loss."""
     clean, noisy = views["clean"][:, 1:], views["noisy"][:, 1:]  # (C, K, D) each
     C, K = clean.shape[:2]
-    sim = torch.einsum("ckd,jkd->kcj", noisy, clean) / cfg.tau  # (K, C, C) anchor c vs clean j
+    sim = torch.einsum("ckd,jkd->kcj", noisy, clean) / (cfg.cl_tau or cfg.tau)  # (K, C, C) anchor c vs clean j
+    group = views.get("group")
+    if group is not None:  # same-group pairs are no negatives (the diagonal stays: the positive)
+        same = (group[:, None] == group[None, :]) & ~torch.eye(C, dtype=torch.bool, device=sim.device)
+        sim = sim.masked_fill(same, float("-inf"))
     labels = torch.arange(C, device=sim.device).repeat(K)
     cl = F.cross_entropy(sim.flatten(0, 1), labels, reduction="sum" if cfg.prl_sum else "mean")
     return cl / C if cfg.prl_sum else cl
@@ -534,27 +615,7 @@ def piece(cfg, rows_per_case, device):
     return rows and max(1, rows // rows_per_case)
 
 
-def over_chunks(case_loss, R, target, chunk):
-    """case_loss(R, target) -> (mean over its cases, {term: mean}), for all V cases, computed
-    `chunk` cases at a time. Each chunk runs under activation checkpointing: its (chunk, N)
-    logits are recomputed in the backward pass instead of kept, so memory holds one chunk's
-    logits, not the V x N of all cases (128 ML-1M users: V ~ 14,000, ~190 MB per state, and
-    PRL keeps several such tensors per state; ERL chunks inside ERLLoss). The result equals
-    case_loss(R, target) up to float rounding: every term is a mean over cases."""
-    V = len(target)
-    if chunk == 0 or V <= chunk:
-        return case_loss(R, target)
-    loss, terms = 0.0, {}
-    for i in range(0, V, chunk):
-        part, part_terms = checkpoint(case_loss, R[i:i + chunk], target[i:i + chunk], use_reentrant=False)
-        w = len(target[i:i + chunk]) / V  # chunk means -> the mean over all V cases
-        loss = loss + w * part
-        for k, v in part_terms.items():
-            terms[k] = terms.get(k, 0.0) + w * v
-    return loss, terms
-
-
-def compute_loss(model, inputs, targets, cfg, epoch):
+def compute_loss(model, inputs, targets, cfg, use_cl=False):
     """One training batch -> (loss, {term: value}, number of supervised positions).
 
     SASRec: every position of every row is a case (the reasoning chain of position t reads
@@ -565,6 +626,7 @@ def compute_loss(model, inputs, targets, cfg, epoch):
     Reconstructed: bert4rec. Bidirectional item states would see the future, so each row gives
     ONE case per epoch: a random prefix, its later items masked out as keys (no official code;
     the paper says SASRec-style next-item training with bidirectional items, issue #1).
+    use_cl: PRL's contrastive term is on (contrastive_on decides; off during the warm-up).
     """
     B, L = inputs.shape
     valid = targets != data.PAD  # (B, L)
@@ -573,41 +635,64 @@ def compute_loss(model, inputs, targets, cfg, epoch):
         h, cache, key_ok = model.encode(inputs)
         chain_pos = torch.arange(L, device=inputs.device)[None, :]  # (1, L): one chain per position
         R = model.reason(cache, key_ok, chain_pos, h, K)  # (B, L, K+1, D)
-        R_cases, target = R[valid], targets[valid]  # (V, K+1, D), (V,)
-        # Deviation: PRL's contrastive chains. The official batch holds 2,048 independent prefixes;
-        # ours holds every position of 128 users, and a position's neighbours share most of its
-        # history (false negatives). So each row gives ONE chain, at a random supervised position,
-        # and the other rows' chains are its negatives.
-        cl_pos = torch.multinomial(valid.float(), 1)  # (B, 1)
-        R_cl = R.gather(1, cl_pos[:, :, None, None].expand(B, 1, K + 1, R.shape[-1]))[:, 0]
+        R_cases, target, cut = R[valid], targets[valid], None  # (V, K+1, D), (V,)
     else:
         cut = torch.multinomial(valid.float(), 1)  # (B, 1) the prefix each row trains on
         h, cache, key_ok = model.encode(inputs, cut[:, 0])
-        R_cl = model.reason(cache, key_ok, cut, h.gather(1, cut[:, :, None].expand(B, 1, h.shape[-1])), K)[:, 0]
-        R_cases, target = R_cl, targets.gather(1, cut)[:, 0]  # (B, K+1, D), (B,)
-        cl_pos = cut
+        r0 = h.gather(1, cut[:, :, None].expand(B, 1, h.shape[-1]))  # (B, 1, D)
+        R = model.reason(cache, key_ok, cut, r0, K)  # (B, 1, K+1, D)
+        R_cases, target = R[:, 0], targets.gather(1, cut)[:, 0]  # (B, K+1, D), (B,)
     E = model.item_emb.weight
     if cfg.method == "erl":
-        loss, terms = erl_loss(R_cases, target, E, cfg)  # chunks inside, no checkpointing needed
+        loss, terms = erl_loss(R_cases, target, E, cfg)
     elif cfg.method == "prl":
-        # the per-case terms (CE_K, PL) in chunks; the contrastive term once, below
-        loss, terms = over_chunks(lambda R, t: prl_loss(R, None, t, E, cfg, use_cl=False),
-                                  R_cases, target, piece(cfg, K + 1, inputs.device))
-        use_cl = epoch > cfg.warmup and cfg.cl_weight > 0 and K > 0
-        # Deviation: the official code duplicates the batch, so the noisy view re-encodes the items
-        # with its own dropout; here it reuses the clean item cache and re-runs only the reasoning
-        # steps (the paper's h~ = h + eps perturbs the reasoning inputs only). Official code: the
-        # noisy input at step k is the CLEAN chain's r_{k-1} + p^R_k plus noise (a one-step
-        # perturbation, not an independently unrolled noisy chain): feed= does exactly that.
-        if use_cl:
-            feed = R_cl[:, None, :K]  # (B, 1, K, D) clean r_0..r_{K-1}
-            noisy = model.reason(cache, key_ok, cl_pos, R_cl[:, None, 0], K, feed=feed, noise=cfg.noise)
-            cl = rcl_loss({"clean": R_cl, "noisy": noisy[:, 0]}, cfg)
-            loss, terms = loss + cfg.cl_weight * cl, terms | {"cl": cl.detach()}
+        use_cl = use_cl and K > 0 and cfg.cl_weight > 0
+        views = contrastive_views(model, inputs, R, valid, cache, key_ok, cut, cfg) if use_cl else None
+        loss, terms = prl_loss(R_cases, views, target, E, cfg, use_cl)
     else:  # base, naive, rpe: CE on the last state r_K (r_0 when K = 0)
-        loss, terms = over_chunks(lambda R, t: ce_loss(R, t, E, cfg.tau), R_cases[:, -1], target,
-                                  piece(cfg, 1, inputs.device))
+        loss, terms = ce_loss(R_cases[:, -1], target, E, cfg)
     return loss, terms, len(target)
+
+
+def contrastive_views(model, inputs, R, valid, cache, key_ok, cut, cfg):
+    """The two views of PRL's contrastive term (paper §3.3): clean chains and their noisy re-runs,
+    h~ = h + eps on every reasoning input. Official code: the noisy input at step k is the CLEAN
+    chain's r_{k-1} + p^R_k plus noise (a one-step perturbation, not an independently unrolled
+    noisy chain): feed= does exactly that.
+    Deviation (--cl-anchors): the official batch holds 2,048 independent prefixes; ours holds every
+    position of a few users. So each user gives cl_anchors chains at distinct random supervised
+    positions, and only other users' chains are its negatives (rcl_loss's groups): a position's
+    neighbours share most of its history.
+    --cl-reencode (official): the noisy view also re-encodes the items, with its own dropout (the
+    official code duplicates the batch). --no-cl-reencode reuses the clean item cache and re-runs
+    only the reasoning steps: cheaper, and the paper perturbs only the reasoning inputs.
+    R (B, L or 1, K+1, D); cut (B, 1) bert4rec's prefix per row, else None. Returns rcl_loss's views.
+    """
+    B, L = valid.shape
+    K, D = R.shape[2] - 1, R.shape[3]
+    if cut is None:  # sasrec: A distinct random supervised positions per row
+        A = min(cfg.cl_anchors, L)
+        pos = torch.rand(B, L, device=R.device).masked_fill(~valid, -1.0).topk(A, dim=1).indices  # (B, A)
+        ok = valid.gather(1, pos)  # (B, A) False where a row has fewer than A supervised positions
+        R_cl = R.gather(1, pos[:, :, None, None].expand(B, A, K + 1, D))  # (B, A, K+1, D)
+    else:  # bert4rec: the one trained prefix of each row
+        A, pos, ok, R_cl = 1, cut, torch.ones_like(cut, dtype=torch.bool), R
+    if cfg.cl_reencode:  # official: a second pass over the items, with its own dropout
+        _, cache, key_ok = model.encode(inputs, None if cut is None else cut[:, 0])
+    noisy = model.reason(cache, key_ok, pos, R_cl[:, :, 0], K, feed=R_cl[:, :, :K], noise=cfg.noise)  # (B, A, K+1, D)
+    group = torch.arange(B, device=R.device)[:, None].expand(B, A)  # (B, A): the row (user) of each chain
+    return {"clean": R_cl[ok], "noisy": noisy[ok], "group": group[ok]}
+
+
+def contrastive_on(cfg, epoch, step):
+    """Whether PRL's contrastive term is on for a batch. It is off during the warm-up: the first
+    --warmup-steps optimiser steps, or (--warmup-steps -1, official) the first --warmup epochs.
+    epoch counts from 1; step = optimiser steps taken before this batch, over the whole run.
+    Deviation (--warmup-steps): an epoch here is ~300 steps on Toys and ~95 on ML-1M, ~480 in the
+    official runs: counting steps keeps the warm-up one length, whatever the batch size and data."""
+    if cfg.method != "prl" or cfg.steps == 0 or cfg.cl_weight == 0:
+        return False
+    return step >= cfg.warmup_steps if cfg.warmup_steps >= 0 else epoch > cfg.warmup
 
 
 # -----------------------------------------------------------------------------
@@ -663,7 +748,10 @@ def batches(ds, cfg, device, generator):
 
 
 def autocast(cfg, device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+    """--dtype bfloat16 on CUDA: autocast of the whole model. On a CPU only the output-layer
+    matmuls run in bf16 (mm_dtype); the Transformer's small matmuls gain nothing there."""
+    cuda = device.type == "cuda" if isinstance(device, torch.device) else str(device).startswith("cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16) if cfg.dtype == "bfloat16" and cuda else nullcontext()
 
 
 def fmt(metrics, keys=("ndcg@10", "recall@10", "ndcg@20", "recall@20")):
@@ -689,13 +777,14 @@ def train(cfg, model, ds, device):
     """
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_path, last_path = os.path.join(cfg.out, "best.pt"), os.path.join(cfg.out, "last.pt")
-    state = dict(epoch=0, best=-1.0, best_epoch=0, bad_epochs=0, history=[], train_seconds=0.0)
+    state = dict(epoch=0, step=0, best=-1.0, best_epoch=0, bad_epochs=0, history=[], train_seconds=0.0)
     if cfg.resume:
         if not os.path.exists(last_path):
             sys.exit(f"error: --resume: no checkpoint at {last_path}; run once without --resume")
         ck = torch.load(last_path, map_location=device, weights_only=False)
-        diff = {k: (ck["config"].get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                if k not in RUN_ONLY and ck["config"].get(k) != v}
+        defaults = {f.name: f.default for f in dataclasses.fields(Config)}  # fields newer than the checkpoint
+        diff = {k: (ck["config"].get(k, defaults[k]), v) for k, v in dataclasses.asdict(cfg).items()
+                if k not in RUN_ONLY and ck["config"].get(k, defaults[k]) != v}
         if diff:
             sys.exit(f"error: --resume: {last_path} was trained with other settings "
                      f"{ {k: old for k, (old, new) in diff.items()} }; pass the same flags or a new --out")
@@ -703,6 +792,7 @@ def train(cfg, model, ds, device):
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
         state = ck["state"]
+        state.setdefault("step", state["epoch"] * math.ceil(len(ds.train) / cfg.batch_size))  # older checkpoints
         print(f"resumed from {last_path} after epoch {state['epoch']}")
     n_rows = int((ds.train.lengths() >= 2).sum())
     interrupted = False
@@ -713,8 +803,12 @@ def train(cfg, model, ds, device):
             t0, sums, count = time.time(), {}, 0
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # same order on resume
             for step, (inputs, targets) in enumerate(batches(ds, cfg, device, gen)):
+                use_cl = contrastive_on(cfg, epoch, state["step"])
+                if use_cl and not contrastive_on(cfg, epoch, state["step"] - 1):
+                    print(f"contrastive term on from optimiser step {state['step'] + 1} (epoch {epoch}, "
+                          f"batch {step + 1})", flush=True)
                 with autocast(cfg, device):
-                    loss, terms, n = compute_loss(model, inputs, targets, cfg, epoch)
+                    loss, terms, n = compute_loss(model, inputs, targets, cfg, use_cl)
                 if not torch.isfinite(loss):
                     hint = ("ERL maximises the KL between steps and can diverge: lower --kl-weight "
                             "(e.g. 0.005) or --lr" if cfg.method == "erl" else "lower --lr or raise --tau")
@@ -725,6 +819,7 @@ def train(cfg, model, ds, device):
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
+                state["step"] += 1
                 for k, v in {"loss": loss.detach(), **terms}.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * n
                 count += n
@@ -802,7 +897,7 @@ def benchmark(cfg, ds, device):
         t0, seqs, targets_seen = time.time(), 0, 0
         for inputs, targets in batches(ds, c, device, torch.Generator().manual_seed(0)):
             with autocast(c, device):
-                loss, _, n = compute_loss(model, inputs, targets, c, epoch=c.warmup + 1)
+                loss, _, n = compute_loss(model, inputs, targets, c, use_cl=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -850,8 +945,10 @@ def benchmark(cfg, ds, device):
 def main(argv=None):
     cfg = parse_args(argv)
     device = pick_device(cfg.device)
-    if cfg.dtype == "bfloat16" and not (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        sys.exit("error: --dtype bfloat16 needs a CUDA GPU with bf16 support; use --dtype float32")
+    if cfg.dtype == "bfloat16" and not (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                                        else device.type == "cpu" and cpu_has_bf16()):
+        sys.exit(f"error: --dtype bfloat16 needs a CUDA GPU with bf16 or a CPU with native bf16 "
+                 f"(AVX512-BF16 or AMX); this {device.type} has none, use --dtype float32")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)

@@ -664,9 +664,121 @@ def test_prl_loss_against_a_slow_loop(paper_sums):
     cl = sum(cl_steps) / (1 if paper_sums else K)
     assert loss.item() == pytest.approx((ce_K + 0.7 * pl + 0.4 * cl).item(), abs=1e-5)
     assert terms["pl"].item() == pytest.approx(pl.item(), abs=1e-5)
+    assert terms["ce"].item() == pytest.approx(ce_K.item(), abs=1e-5)
     # warm-up: no contrastive term at all
     loss_w, terms_w = rearec.prl_loss(R, views, target, E, cfg, use_cl=False)
     assert "cl" not in terms_w and loss_w.item() == pytest.approx((ce_K + 0.7 * pl).item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("paper_sums, chunk", [(False, 0), (True, 4)])
+def test_prl_cross_entropies_gradients_against_autograd(paper_sums, chunk):
+    """CELoss writes the gradient of CE_K + pl_weight * PL by hand: the gradients w.r.t. the states
+    and the item embeddings must equal autograd on the formulas (in one piece and in pieces)."""
+    torch.manual_seed(3)
+    cfg = rearec.parse_args(["--method", "prl", "--tau", "0.3", "--alpha", "2", "--pl-weight", "0.6",
+                             "--loss-chunk", str(chunk)] + (["--prl-sum"] if paper_sums else []))
+    V, K, D, N = 5, 2, 4, 7
+    R = torch.randn(V, K + 1, D, requires_grad=True)
+    E = torch.randn(N + 1, D, requires_grad=True)
+    target = torch.tensor([1, 7, 3, 3, 5])
+    loss, _ = rearec.prl_loss(R, None, target, E, cfg, use_cl=False)
+    R2, E2 = R.detach().clone().requires_grad_(), E.detach().clone().requires_grad_()
+    taus = [0.3 * 2 ** (K - k) for k in range(K + 1)]
+    ce = [F.cross_entropy(R2[:, k] @ E2[1:].T / taus[k], target - 1) for k in range(K + 1)]
+    slow = ce[K] + 0.6 * sum(ce[:K]) / (1 if paper_sums else K)
+    assert loss.item() == pytest.approx(slow.item(), abs=1e-5)
+    (3 * loss).backward()
+    (3 * slow).backward()
+    torch.testing.assert_close(R.grad, R2.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(E.grad, E2.grad, atol=1e-5, rtol=1e-4)
+    assert E.grad[0].abs().sum() == 0  # PAD is no candidate
+
+
+def test_cross_entropy_far_below_the_top_is_exact():
+    """A target 200 nats below the best item underflows float32's softmax; the CE must still be
+    the exact 200-ish nats, not inf or a capped value."""
+    cfg = rearec.parse_args(["--method", "base", "--tau", "1"])
+    R = torch.tensor([[200.0, 0.0]])
+    E = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # PAD, item 1 (score 200), item 2 (score 0)
+    loss, _ = rearec.ce_loss(R, torch.tensor([2]), E, cfg)
+    assert loss.item() == pytest.approx(200.0, rel=1e-6)
+
+
+def test_contrastive_term_with_groups_against_a_slow_loop():
+    """Chains of one user are no negatives of each other; each keeps its own clean state as the
+    positive. Slow loop: for each anchor, the candidates are itself and other users' chains."""
+    torch.manual_seed(4)
+    cfg = rearec.parse_args(["--method", "prl", "--tau", "0.07", "--cl-tau", "2.5"])
+    C, K, D = 5, 2, 3
+    views = {"clean": torch.randn(C, K + 1, D), "noisy": torch.randn(C, K + 1, D),
+             "group": torch.tensor([0, 0, 1, 2, 2])}
+    total = 0.0
+    for k in range(1, K + 1):
+        for c in range(C):
+            cands = [j for j in range(C) if j == c or views["group"][j] != views["group"][c]]
+            sims = torch.stack([views["noisy"][c, k] @ views["clean"][j, k] / 2.5 for j in cands])
+            total = total - torch.log_softmax(sims, 0)[cands.index(c)]
+    assert rearec.rcl_loss(views, cfg).item() == pytest.approx((total / (K * C)).item(), abs=1e-5)
+    # without groups every other chain is a negative, and --cl-tau 0 falls back to --tau
+    cfg0 = rearec.parse_args(["--method", "prl", "--tau", "2.5"])
+    plain = rearec.rcl_loss({"clean": views["clean"], "noisy": views["noisy"]}, cfg0)
+    full = rearec.rcl_loss(views | {"group": torch.arange(C)}, cfg)
+    assert plain.item() == pytest.approx(full.item(), abs=1e-6) and plain.item() > rearec.rcl_loss(views, cfg).item()
+
+
+@pytest.mark.parametrize("reencode", [False, True])
+def test_contrastive_views_anchors_and_one_step_perturbation(reencode):
+    """cl_anchors distinct supervised positions per user (fewer if a user has fewer), each chain's
+    clean states are the training states at that position, groups name the user; with no noise and
+    no dropout the noisy view equals the clean one (it follows the clean chain, official code)."""
+    model = tiny_rearec("prl", 2, cl_anchors=4, noise=0.0)
+    model.cfg.cl_reencode = reencode
+    x, y = tiny_batch()
+    x[0, :5] = 0
+    y[x == 0] = 0  # row 0 now has 3 supervised positions, row 1 has 7
+    valid = y != 0
+    with torch.no_grad():
+        h, cache, key_ok = model.encode(x)
+        R = model.reason(cache, key_ok, torch.arange(8)[None], h, 2)
+        torch.manual_seed(0)
+        views = rearec.contrastive_views(model, x, R, valid, cache, key_ok, None, model.cfg)
+    assert views["group"].tolist() == [0, 0, 0, 1, 1, 1, 1]
+    rows = {0: R[0][valid[0]], 1: R[1][valid[1]]}
+    for c, g in enumerate(views["group"].tolist()):  # every clean chain is a training state of its row
+        assert any(torch.equal(views["clean"][c], s) for s in rows[g])
+    assert len({tuple(v.tolist()) for v in views["clean"][:, 0]}) == 7  # distinct positions
+    torch.testing.assert_close(views["noisy"], views["clean"], atol=1e-5, rtol=1e-5)
+    model.cfg.noise = 0.5
+    with torch.no_grad():
+        noisy = rearec.contrastive_views(model, x, R, valid, cache, key_ok, None, model.cfg)["noisy"]
+    assert not torch.allclose(noisy[:, 1:], views["clean"][:, 1:], atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["base", "prl", "erl"])
+def test_bfloat16_output_layer_matches_float32(method):
+    """--dtype bfloat16 runs the output-layer matmuls in bf16 (softmax in float32): the loss must
+    agree with float32 to 0.5 % and the gradients point the same way (cosine > 0.999)."""
+    torch.manual_seed(6)
+    K = 0 if method == "base" else 2
+    V, D, N = 300, 32, 2000
+    R = torch.nn.functional.layer_norm(torch.randn(V, K + 1, D), (D,))  # post-LN states, |r|^2 ~ D
+    E = 0.3 * torch.randn(N + 1, D)
+    target = torch.randint(1, N + 1, (V,))
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = rearec.parse_args(["--method", method, "--dtype", dtype, "--tau", "0.5", "--kl-weight", "0.01"])
+        Rg, Eg = R.clone().requires_grad_(), E.clone().requires_grad_()
+        if method == "base":
+            loss, _ = rearec.ce_loss(Rg[:, 0], target, Eg, cfg)
+        elif method == "prl":
+            loss, _ = rearec.prl_loss(Rg, None, target, Eg, cfg, use_cl=False)
+        else:
+            loss, _ = rearec.erl_loss(Rg, target, Eg, cfg)
+        loss.backward()
+        out[dtype] = loss.item(), Rg.grad.flatten(), Eg.grad.flatten()
+    (l32, r32, e32), (l16, r16, e16) = out["float32"], out["bfloat16"]
+    assert l16 == pytest.approx(l32, rel=5e-3)
+    assert F.cosine_similarity(r16, r32, 0) > 0.999 and F.cosine_similarity(e16, e32, 0) > 0.999
 
 
 @pytest.mark.parametrize("method", ["base", "rpe", "erl", "prl"])
@@ -680,7 +792,7 @@ def test_chunked_losses_equal_the_whole_batch(method):
         model.cfg.loss_chunk = chunk
         model.zero_grad()
         torch.manual_seed(5)  # PRL's contrastive position and noise: the same draws both times
-        loss, terms, n = rearec.compute_loss(model, x, y, model.cfg, epoch=1)
+        loss, terms, n = rearec.compute_loss(model, x, y, model.cfg, use_cl=True)
         loss.backward()
         results.append((loss.detach(), {k: float(v) for k, v in terms.items()},
                         [p.grad.clone() for p in model.parameters() if p.grad is not None]))
@@ -700,7 +812,7 @@ def test_every_method_trains_and_infers_for_K_0_to_5(method, backbone):
     x, y = tiny_batch()
     for K in range(6):
         model = tiny_rearec(method, K, backbone, warmup=0).train()
-        loss, terms, _ = rearec.compute_loss(model, x, y, model.cfg, epoch=1)
+        loss, terms, _ = rearec.compute_loss(model, x, y, model.cfg, use_cl=True)
         loss.backward()
         assert torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)) for v in terms.values())
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -712,12 +824,31 @@ def test_every_method_trains_and_infers_for_K_0_to_5(method, backbone):
             assert "cl" in terms  # warm-up 0: the contrastive term is on from epoch 1
 
 
-def test_prl_warmup_rule_in_training():
-    model = tiny_rearec("prl", 2, warmup=2).train()
+def test_prl_warmup_rule_in_epochs_and_in_steps():
+    """Official: the contrastive term starts after --warmup epochs (epochs count from 1). With
+    --warmup-steps N it starts at the (N+1)-th optimiser step, whatever the epoch."""
+    epochs = tiny_rearec("prl", 2, warmup=2).cfg
+    assert [rearec.contrastive_on(epochs, e, step=10**6) for e in (1, 2, 3)] == [False, False, True]
+    steps = tiny_rearec("prl", 2, warmup=2, warmup_steps=5).cfg
+    assert [rearec.contrastive_on(steps, 1, s) for s in (0, 4, 5, 6)] == [False, False, True, True]
+    assert rearec.contrastive_on(steps, 9, 4) is False  # the epoch no longer counts
+    for other in (tiny_rearec("rpe", 2).cfg, tiny_rearec("prl", 0).cfg, tiny_rearec("prl", 2, cl_weight=0).cfg):
+        assert not rearec.contrastive_on(other, 9, 10**6)
+    model = tiny_rearec("prl", 2).train()
     x, y = tiny_batch()
-    _, terms2, n = rearec.compute_loss(model, x, y, model.cfg, epoch=2)
-    _, terms3, _ = rearec.compute_loss(model, x, y, model.cfg, epoch=3)
-    assert "cl" not in terms2 and "cl" in terms3 and n == 13  # every non-padded position is a case
+    _, off, n = rearec.compute_loss(model, x, y, model.cfg, use_cl=False)
+    _, on, _ = rearec.compute_loss(model, x, y, model.cfg, use_cl=True)
+    assert "cl" not in off and "cl" in on and n == 13  # every non-padded position is a case
+
+
+def test_training_switches_the_contrastive_term_on_at_the_step(tmp_path, capsys):
+    """A real run: 200 users, batch 32 = 7 steps per epoch; --warmup-steps 10 switches the term on
+    at the 11th step (epoch 2, batch 4), and the log says so; epoch 1 has no `cl` term."""
+    res = rearec.main(["--dataset", synthetic_file(tmp_path, 200), "--method", "prl", "--epochs", "2",
+                       "--warmup-steps", "10", "--hidden", "16", "--batch-size", "32", "--max-len", "20",
+                       "--out", str(tmp_path / "run")])
+    assert "contrastive term on from optimiser step 11 (epoch 2, batch 4)" in capsys.readouterr().out
+    assert "cl" not in res["history"][0] and res["history"][1]["cl"] > 0
 
 
 def test_per_step_and_oracle_metrics_by_hand(tmp_path):
@@ -787,7 +918,6 @@ def test_cli_results_json_seed_and_resume(tmp_path):
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--hidden", "30", "--heads", "4"], "multiple of --heads"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
-    (["--dtype", "bfloat16", "--device", "cpu"], "bfloat16 needs a CUDA GPU"),
     (["--dataset", "ml-1x"], "unknown dataset"),
     (["--select-metric", "auc"], "--select-metric"),
     (["--resume", "--out", "/nonexistent-dir-for-test"], "no checkpoint"),
@@ -796,6 +926,13 @@ def test_rearec_bad_flags_give_one_clear_line(args, message):
     with pytest.raises(SystemExit) as e:
         rearec.main(args)
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bfloat16_on_a_cpu_without_native_bf16_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(rearec, "cpu_has_bf16", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        rearec.main(["--dtype", "bfloat16", "--device", "cpu"])
+    assert str(e.value).startswith("error: --dtype bfloat16 needs") and "--dtype float32" in str(e.value)
 
 
 def test_benchmark_command_reports_every_row(tmp_path):
