@@ -8,6 +8,7 @@ Run
     python data.py --stats                               # the built-in synthetic dataset (offline)
     python data.py --dataset ml-1m --data-dir data --stats   # downloads ml-1m.zip once, then cached
     python data.py --dataset path/to/ml-1m.txt --stats   # any local file, layout auto-detected
+    python data.py --report runs/a runs/b                # one markdown table of every results.json below
 
 Sequence layout (one worked example; PAD = 0, item ids are 1..N)
     A user's chronological items:          [7, 3, 9, 4, 2]
@@ -929,6 +930,150 @@ def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, ma
 
 
 # -----------------------------------------------------------------------------
+# Reports: every results.json under some folders -> one markdown table (both scripts)
+# -----------------------------------------------------------------------------
+# Config fields that say where or how fast a run ran, not what it computed: never a table column.
+RUN_FIELDS = {"seed", "out", "data_dir", "device", "threads", "resume", "benchmark", "benchmark_steps",
+              "eval_batch_size", "eval_batch", "loss_chunk", "eval_only", "stages", "n_items", "overwrite"}
+REPORT_METRICS = ("ndcg@10", "recall@10", "ndcg@20", "recall@20")
+
+
+def find_results(dirs):
+    """Every results.json under the folders (or the files themselves), sorted, read as dicts."""
+    paths = []
+    for d in dirs:
+        if os.path.isfile(d):
+            paths.append(d)
+        elif os.path.isdir(d):
+            paths += [os.path.join(root, "results.json") for root, _, files in os.walk(d) if "results.json" in files]
+        else:
+            raise DataError(f"--report: {d} is neither a folder nor a file")
+    out = []
+    for p in sorted(set(paths)):
+        try:
+            with open(p) as f:
+                out.append((p, json.load(f)))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"--report: cannot read {p} ({e}); delete it or rerun that run") from None
+    if not out:
+        raise DataError(f"--report: no results.json under {', '.join(dirs)}")
+    return out
+
+
+def result_rows(path, res, views=False):
+    """One results.json -> table rows {script, dataset, name, K, config, seed, valid, test, best_epoch}.
+    rearec.py: one row per run (views=True: also one per reasoning step, the oracle and the
+    selectors); stream_rec.py: one row per finished stage (K = thinking tokens l)."""
+    cfg = res.get("config") or {}
+    dataset = os.path.splitext(os.path.basename(str((res.get("dataset") or {}).get("name", cfg.get("dataset", "?")))))[0]
+    common = dict(dataset=dataset, config=cfg, seed=cfg.get("seed"), path=path,
+                  interrupted=bool(res.get("interrupted")))
+    rows = []
+    if "method" in cfg:  # rearec.py
+        base = dict(common, script="rearec", name=cfg["method"], K=cfg.get("steps", 0), best_epoch=res.get("best_epoch"))
+        rows.append(dict(base, valid=res.get("valid", {}), test=res.get("test", {})))
+        if views:
+            for k, m in (res.get("per_step") or {}).items():
+                rows.append(dict(base, name=f"{cfg['method']} (r_{k[4:]})", valid=(res.get("valid_per_step") or {}).get(k, {}), test=m))
+            if res.get("oracle"):
+                rows.append(dict(base, name=f"{cfg['method']} (oracle)", valid=res.get("valid_oracle", {}), test=res["oracle"]))
+            sel = res.get("selector")
+            if sel:
+                rows.append(dict(base, name=f"{cfg['method']} (selector {sel['name']})", valid=sel.get("valid", {}),
+                                 test=sel.get("test", {})))
+    else:  # stream_rec.py: one entry per stage
+        for stage in ("base", "stage1", "stage2", "stage3"):
+            if isinstance(res.get(stage), dict) and "test" in res[stage]:
+                rows.append(dict(common, script="stream_rec", name=stage,
+                                 K=0 if stage == "base" else cfg.get("trace_len", 0),
+                                 valid=res[stage].get("valid", {}), test=res[stage]["test"],
+                                 best_epoch=res[stage].get("best_epoch")))
+    return rows
+
+
+def _mean_std(values):
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def report(dirs, split="test", metrics=REPORT_METRICS, views=False):
+    """The markdown table of `python data.py --report DIR [DIR ...]`; returns (text, rows).
+
+    Rows: one per (script, dataset, method or stage, K, settings), where `settings` lists the
+    config fields that differ between runs of that script, dataset and method (not the seed and
+    not where/how fast it ran: RUN_FIELDS). Runs that differ only in the seed are one row: each
+    metric is mean ± std over them (sample std, n - 1), with the number of seeds. In brackets, the
+    relative change of the mean against the matching base row: the `base` row (same script and
+    dataset) whose config differs from the row's in the fewest fields (stream_rec: its run's base
+    stage); no bracket when two base rows match equally well.
+    """
+    rows = [r for p, res in find_results(dirs) for r in result_rows(p, res, views)]
+    if not rows:
+        raise DataError(f"--report: no finished runs in the results.json under {', '.join(dirs)}")
+    # settings that differ within each (script, dataset, method family)
+    family = lambda r: (r["script"], r["dataset"], r["name"].split(" (")[0])
+    differing = {}
+    for r in rows:
+        keys = differing.setdefault(family(r), {})
+        for k, v in r["config"].items():
+            keys.setdefault(k, set()).add(json.dumps(v, sort_keys=True))
+    def settings(r):
+        diff = differing[family(r)]
+        return tuple((k, r["config"].get(k)) for k in sorted(diff)
+                     if len(diff[k]) > 1 and k not in RUN_FIELDS and k not in ("method", "steps", "trace_len"))
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["script"], r["dataset"], r["name"], r["K"], settings(r)), []).append(r)
+
+    def distance(a, b):
+        keys = (set(a) | set(b)) - RUN_FIELDS
+        return sum(a.get(k) != b.get(k) for k in keys)
+
+    table = []
+    for key, members in groups.items():
+        script, dataset, name, K, sett = key
+        seeds = sorted({str(m["seed"]) for m in members})
+        stats = {m: _mean_std([x[split][m] for x in members if m in x[split]]) if all(m in x[split] for x in members)
+                 else (None, None) for m in metrics}
+        best_ep = [x["best_epoch"] for x in members if x.get("best_epoch") is not None]
+        table.append(dict(script=script, dataset=dataset, name=name, K=K, settings=sett, n=len(members),
+                          seeds=seeds, stats=stats, config=members[0]["config"], path=members[0]["path"],
+                          best_epoch=sum(best_ep) / len(best_ep) if best_ep else None,
+                          interrupted=any(x["interrupted"] for x in members)))
+    for row in table:  # the matching base row
+        row["base"] = None
+        if row["name"] == "base":
+            continue
+        cands = [b for b in table if b["name"] == "base" and b["script"] == row["script"] and b["dataset"] == row["dataset"]]
+        if row["script"] == "stream_rec":  # the base stage of the same run folder(s)
+            cands = [b for b in cands if os.path.dirname(b["path"]) == os.path.dirname(row["path"])] or cands
+        if cands:
+            d = [distance(b["config"], row["config"]) for b in cands]
+            if d.count(min(d)) == 1:
+                row["base"] = cands[d.index(min(d))]
+    table.sort(key=lambda r: (r["script"], r["dataset"], r["name"] != "base", r["name"], r["K"], str(r["settings"])))
+
+    def cell(row, m):
+        mean, std = row["stats"][m]
+        if mean is None:
+            return "—"
+        text = f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+        b = row["base"]["stats"][m][0] if row["base"] else None
+        if b:
+            text += f" ({100 * (mean / b - 1):+.1f} %)"
+        return text
+
+    head = ["script", "dataset", "method / stage", "K", "settings"] + [f"{split} {m}" for m in metrics] + ["seeds", "best epoch"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        sett = ", ".join(f"{k}={v}" for k, v in r["settings"]) or "defaults"
+        lines.append("| " + " | ".join([r["script"], r["dataset"], r["name"] + (" (interrupted)" if r["interrupted"] else ""),
+                                        str(r["K"]), sett] + [cell(r, m) for m in metrics]
+                                       + [str(r["n"]), f"{r['best_epoch']:.0f}" if r["best_epoch"] is not None else "—"]) + " |")
+    return "\n".join(lines), table
+
+
+# -----------------------------------------------------------------------------
 # CLI
 # -----------------------------------------------------------------------------
 def _add_data_args(p):
@@ -964,8 +1109,19 @@ def main(argv=None):
     p.add_argument("--with-meta", action="store_true", help="with --download: also fetch item metadata")
     p.add_argument("--benchmark", action="store_true",
                    help="time the metric code alone on the test split (random scores, history masked)")
+    p.add_argument("--report", nargs="+", metavar="DIR",
+                   help="print one markdown table of every results.json under these folders (rearec.py "
+                        "and stream_rec.py runs): mean ± std over seeds, the change against the matching base")
+    p.add_argument("--report-split", choices=["test", "valid"], default="test",
+                   help="with --report: which split's metrics (valid for tuning tables)")
+    p.add_argument("--views", action="store_true",
+                   help="with --report: also a row per reasoning step, the oracle and the selector (rearec.py)")
     args = p.parse_args(argv)
     try:
+        if args.report:
+            text, _ = report(args.report, split=args.report_split, views=args.views)
+            print(text)
+            return text
         if args.download:
             if args.dataset == "synthetic" or os.path.exists(args.dataset):
                 raise DataError(f"{args.dataset} needs no download")

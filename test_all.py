@@ -450,6 +450,53 @@ def test_cli_stats_json(tmp_path, capsys):
     assert res["cases"] == 2000 and res["items"] == 400 and res["metric_seconds"] > 0
 
 
+# --- data.py --report: hand-made results.json files ----------------------------------------------
+def fake_rearec_result(folder, method, seed, ndcg10, **config):
+    cfg = dict(dataset="data/Toys.txt", method=method, steps=0 if method == "base" else 2, tau=1.0,
+               alpha=5.0, seed=seed, out=str(folder), threads=1) | config
+    folder.mkdir(parents=True)
+    metrics = {"ndcg@10": ndcg10, "recall@10": 2 * ndcg10, "ndcg@20": ndcg10 + 0.01, "recall@20": 0.5}
+    (folder / "results.json").write_text(json.dumps(dict(
+        config=cfg, dataset={"name": "data/Toys.txt"}, valid=metrics, test=metrics, best_epoch=seed + 10,
+        per_step={"step0": metrics}, oracle=metrics)))
+
+
+def test_report_mean_std_seeds_and_change_against_base(tmp_path, capsys):
+    for seed, v in enumerate([0.1, 0.2, 0.3]):
+        fake_rearec_result(tmp_path / f"base{seed}", "base", seed, v)
+    fake_rearec_result(tmp_path / "base_tau", "base", 0, 0.4, tau=0.5)  # another setting: its own row
+    for seed, v in enumerate([0.22, 0.26]):
+        fake_rearec_result(tmp_path / "sweep" / f"prl{seed}", "prl", seed, v, alpha=2.0)
+    stream = {"config": {"dataset": "syn", "trace_len": 4, "seed": 0}, "dataset": {"name": "synthetic"},
+              "base": {"valid": {"ndcg@10": 0.5}, "test": {"ndcg@10": 0.4, "recall@10": 0.5, "ndcg@20": 0.5,
+                                                             "recall@20": 0.6}, "best_epoch": 3},
+              "stage2": {"valid": {"ndcg@10": 0.5}, "test": {"ndcg@10": 0.3, "recall@10": 0.6, "ndcg@20": 0.5,
+                                                               "recall@20": 0.6}, "best_epoch": 2}}
+    (tmp_path / "stream").mkdir()
+    (tmp_path / "stream" / "results.json").write_text(json.dumps(stream))
+    text, table = data.report([str(tmp_path)])
+    rows = {(r["script"], r["name"], r["settings"]): r for r in table}
+    base = rows[("rearec", "base", (("tau", 1.0),))]
+    assert base["n"] == 3 and base["stats"]["ndcg@10"] == pytest.approx((0.2, 0.1))  # mean, sample std
+    assert base["best_epoch"] == pytest.approx(11)
+    assert rows[("rearec", "base", (("tau", 0.5),))]["n"] == 1
+    prl = rows[("rearec", "prl", ())]  # alpha differs from base, but not within the prl runs
+    assert prl["n"] == 2 and prl["stats"]["ndcg@10"] == pytest.approx((0.24, math.sqrt(0.0008)))
+    assert prl["base"] is base  # the base run closest in config: tau 1.0, not 0.5
+    line = next(l for l in text.splitlines() if "| prl |" in l)
+    assert "0.2400 ± 0.0283 (+20.0 %)" in line and line.endswith("| 2 | 10 |")
+    assert "0.4000 |" in next(l for l in text.splitlines() if "tau=0.5" in l)  # one seed: no ± part
+    stage2 = rows[("stream_rec", "stage2", ())]
+    assert stage2["K"] == 4 and stage2["base"] is rows[("stream_rec", "base", ())]
+    assert "0.3000 (-25.0 %)" in text and "0.6000 (+20.0 %)" in text
+    data.main(["--report", str(tmp_path), "--report-split", "valid", "--views"])
+    out = capsys.readouterr().out
+    assert "prl (r_0)" in out and "prl (oracle)" in out and "valid ndcg@10" in out
+    with pytest.raises(SystemExit) as e:
+        data.main(["--report", str(tmp_path / "missing")])
+    assert str(e.value).startswith("error: --report:") and "\n" not in str(e.value)
+
+
 # --- The real ML-1M files, where the shared data folder is present -----------------------------------
 @pytest.mark.skipif(not (SHARED / "sasrec" / "ml-1m.txt").exists(), reason="shared data folder absent")
 def test_raw_ml1m_reproduces_sasrec_order():
