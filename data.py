@@ -885,20 +885,43 @@ def rank_metrics(out, targets, exclude=None, ks=KS):
     return res
 
 
+def case_groups(split, train, n=4):
+    """Equal-sized quartiles (n groups) of an evaluation split's cases, as in ReaRec's Fig. 4:
+    "length" by the case's history length, "popularity" by the target's count in the training
+    sequences. Cases are sorted by the value (ties in case order) and cut into n equal-count
+    blocks, so equal values may fall in neighbouring groups.
+    Returns {name: ((R,) int64 group 0..n-1, [[lo, hi] value range of each group])}."""
+    pop = np.bincount(train.items, minlength=int(max(split.targets.max(), train.items.max())) + 1)
+    out = {}
+    for name, value in (("length", split.lengths()), ("popularity", pop[split.targets])):
+        order = np.argsort(value, kind="stable")
+        group = np.empty(len(value), dtype=np.int64)
+        group[order] = np.arange(len(value)) * n // max(len(value), 1)
+        ranges = [[int(value[group == g].min()), int(value[group == g].max())] if (group == g).any() else None
+                  for g in range(n)]
+        out[name] = (group, ranges)
+    return out
+
+
 def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, mask_history=True,
-             oracle_of=None, trim=False):
+             oracle_of=None, trim=False, groups=None):
     """Mean metrics of `score_fn` over an evaluation split (full ranking, batched).
 
     score_fn(histories (B, L) long on `device`) returns (B, N+1) scores, (B, K) ranked item
-    lists, or a dict of several such views {name: tensor} (e.g. one per reasoning step).
+    lists, or a dict of several such views {name: tensor} (e.g. one per reasoning step). A view
+    may also be (tensor, {stat: (B,) per-case numbers}), e.g. the steps a halting rule used: each
+    stat is averaged over the cases like a metric.
     mask_history: remove the case's whole history (not only the last L items) from the ranking.
     oracle_of: names of views; adds view "oracle" = per case, the best of those views, chosen
     with the label (an upper bound, ReaRec Fig. 2).
     trim: batch cases of similar history length and cut all-padding columns (L <= maxlen then
     varies per batch); only for score_fns that accept any width. Metrics are unchanged.
+    groups: case_groups(...) output; adds "groups": {name: {"ranges": .., "views": {view: [one
+    {metric: mean} per group]}}} (dict score_fns only).
     Returns {metric: float} for a tensor, {view: {metric: float}} for a dict.
     """
     sums, single = {}, None
+    gsums = {name: {} for name in (groups or {})}  # name -> view -> metric -> (n,) sums
     lengths = split.ends - split.starts
     order = np.argsort(-np.minimum(lengths, maxlen), kind="stable") if trim else np.arange(len(split))
     for b in range(0, len(split), batch_size):
@@ -916,17 +939,35 @@ def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, ma
             out = score_fn(hist)
         single = not isinstance(out, dict)
         views = {"": out} if single else out
-        per = {name: rank_metrics(v, target, exclude, ks) for name, v in views.items()}
+        per = {}
+        for name, v in views.items():
+            v, extra = v if isinstance(v, tuple) else (v, {})
+            per[name] = rank_metrics(v, target, exclude, ks) | {k: e.double() for k, e in extra.items()}
         if oracle_of:
-            per["oracle"] = {m: torch.stack([per[v][m] for v in oracle_of]).max(0).values
-                             for m in per[oracle_of[0]]}
+            names = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg", "mrr")] + ["mrr"]  # not the extras
+            per["oracle"] = {m: torch.stack([per[v][m] for v in oracle_of]).max(0).values for m in names}
         for name, ms in per.items():
             acc = sums.setdefault(name, {})
             for m, vals in ms.items():
                 acc[m] = acc.get(m, 0.0) + float(vals.sum())
+        for gname, (gid, ranges) in (groups or {}).items():
+            g = torch.from_numpy(gid[rows]).to(device)
+            for name, ms in per.items():
+                acc = gsums[gname].setdefault(name, {})
+                for m, vals in ms.items():
+                    acc[m] = acc.get(m, 0) + torch.zeros(len(ranges), dtype=torch.float64, device=device).index_add_(0, g, vals.double())
     n = max(len(split), 1)
     res = {name: {m: v / n for m, v in ms.items()} for name, ms in sums.items()}
-    return res[""] if single else res
+    if single:
+        return res[""]
+    if groups:
+        res["groups"] = {}
+        for gname, (gid, ranges) in groups.items():
+            size = np.bincount(gid, minlength=len(ranges)).clip(min=1)
+            res["groups"][gname] = {"ranges": ranges, "cases": np.bincount(gid, minlength=len(ranges)).tolist(),
+                                    "views": {name: [{m: float(v[i]) / size[i] for m, v in ms.items()} for i in range(len(ranges))]
+                                              for name, ms in gsums[gname].items()}}
+    return res
 
 
 # -----------------------------------------------------------------------------

@@ -100,6 +100,7 @@ class Config:
     epochs: int = 0  # maximum epochs; 0 = auto: 20 on the built-in synthetic data (a 1-3 min demo), else 200 (official: 300; early stopping ends runs long before)
     patience: int = 10  # early stopping: epochs without a better validation score (official: 10)
     select_metric: str = "ndcg@20"  # validation metric for model selection (official: NDCG@20)
+    select_step: str = "own"  # the view that recommends in the final evaluation: own (ERL: mean, else r_K) | auto (best on validation) | stepK | entropy | mean | halt0.5 | halt0.8 | learned | learned-mix
     batch_size: int = 64  # users per batch; every position of a user is a target (ML-1M: ~7,000 per step; official: 2,048 rows). 64, not SASRec's 128: K=2 triples the tokens, and ML-1M at L=200 stays under 3 GB
     bucket: int = 8  # length bucketing: sort pools of this many batches by length (data.py); 0 = off
     lr: float = 1e-3  # Adam learning rate (official)
@@ -161,6 +162,10 @@ def parse_args(argv=None):
         (cfg.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, not {cfg.dtype!r}"),
         (cfg.threads >= 0, f"--threads must be >= 0, not {cfg.threads}"),
         (cfg.loss_chunk >= -1, f"--loss-chunk must be -1 (auto), 0 (all at once) or a row count, not {cfg.loss_chunk}"),
+        (cfg.select_step in ("own", "auto", "entropy", "mean", "learned", "learned-mix")
+         + tuple(f"halt{t}" for t in HALT_THRESHOLDS) or re.fullmatch(r"step\d+", cfg.select_step),
+         f"--select-step must be own, auto, stepK, entropy, mean, {', '.join(f'halt{t}' for t in HALT_THRESHOLDS)}, "
+         f"learned or learned-mix, not {cfg.select_step!r}"),
         (cfg.select_metric in [f"{m}@{k}" for m in ("ndcg", "recall", "mrr") for k in data.KS] + ["mrr"],
          f"--select-metric must be ndcg@k, recall@k or mrr@k with k in {data.KS}, or mrr"),
     ]:
@@ -696,16 +701,140 @@ def contrastive_on(cfg, epoch, step):
 
 
 # -----------------------------------------------------------------------------
+# Adaptive reasoning depth: step selectors (the paper's open problem, §5 "future work")
+# -----------------------------------------------------------------------------
+# Every evaluation can rank items with each step r_0..r_K alone; the oracle (best step per case,
+# chosen with the label) shows how much a perfect choice would gain. A selector makes that choice
+# per case WITHOUT the label. Label-free rules need no training; the learned one is a tiny head
+# fitted on training cases after the model is trained (the model stays frozen).
+HALT_THRESHOLDS = (0.5, 0.8)  # top-10 overlap at which the halting rule stops thinking
+
+
+def step_temperatures(cfg, K, device=None):
+    """The temperature each step was trained at: PRL's tau * alpha^(K-k), tau for every other method."""
+    if cfg.method == "prl":
+        return cfg.tau * cfg.alpha ** torch.arange(K, -1, -1, dtype=torch.float32, device=device)
+    return torch.full((K + 1,), float(cfg.tau), device=device)
+
+
+class StepSelector(nn.Module):
+    """Learned selector: per case, softmax weights over the K+1 steps from label-free features of
+    each step: its state r_k (D numbers), the entropy and the top-1 log-probability of its item
+    distribution. A linear score per step plus a bias per step: D + 2 + 1 + (K+1) parameters
+    (71 for D = 64, K = 2). "learned" recommends with the highest-weight step, "learned-mix" with
+    the weighted mixture of the steps' distributions, log sum_k w_k p_k."""
+
+    def __init__(self, D, K):
+        super().__init__()
+        self.score = nn.Linear(D + 2, 1)
+        self.step_bias = nn.Parameter(torch.zeros(K + 1))
+        nn.init.zeros_(self.score.weight)  # starts as the uniform mixture
+
+    def forward(self, R, entropy, top1):
+        # R (B, K+1, D); entropy, top1 (B, K+1) -> log weights (B, K+1)
+        feats = torch.cat([R / math.sqrt(R.shape[-1]), entropy[..., None], top1[..., None]], dim=-1)
+        return F.log_softmax(self.score(feats)[..., 0] + self.step_bias, dim=-1)
+
+
+def step_log_probs(R, E, cfg):
+    """R (B, K+1, D) -> the steps' item log-probabilities (B, K+1, N) at their training temperatures,
+    with their entropies and top-1 log-probabilities (B, K+1)."""
+    taus = step_temperatures(cfg, R.shape[1] - 1, R.device)
+    logp = F.log_softmax((R / taus[:, None]) @ E[1:].T, dim=-1)  # (B, K+1, N), no PAD column
+    return logp, -(logp.exp() * logp).sum(-1), logp.max(-1).values
+
+
+def step_views(model, R, cfg, selector=None):
+    """Every view of the states R (B, K+1, D): scores (B, N+1) per view, or (scores, {stat: (B,)}).
+        main       the method's own rule (ERL: the mean state, else r_K)
+        step0..K   one step alone
+        entropy    per case, the step whose item distribution has the lowest entropy
+        mean       the mean of the steps' log-probabilities
+        halt<θ>    think step by step; stop at the first step whose top-10 list shares a fraction
+                   >= θ of its items with the previous step's ("steps" = reasoning steps computed)
+        learned, learned-mix   the StepSelector's choice / mixture (when a selector is given)
+    "step" = the mean chosen step index of a one-step choice."""
+    E = model.item_emb.weight
+    B, S, _ = R.shape
+    logits = R @ E.T  # (B, K+1, N+1); tau does not change a single step's ranking
+    views = {"main": model.user_state(R) @ E.T} | {f"step{k}": logits[:, k] for k in range(S)}
+    if S == 1:
+        return views
+    pick = lambda k: (logits[torch.arange(B, device=R.device), k], {"step": k.double()})  # (B, N+1)
+    logp, entropy, top1 = step_log_probs(R, E, cfg)
+    views["entropy"] = pick(entropy.argmin(1))
+    views["mean"] = F.pad(logp.mean(1), (1, 0))  # (B, N+1), PAD column (never ranked) 0
+    top = logp.topk(10, dim=-1).indices  # (B, K+1, 10)
+    overlap = (top[:, 1:, :, None] == top[:, :-1, None, :]).any(-1).float().mean(-1)  # (B, K): step k vs k-1
+    for theta in HALT_THRESHOLDS:
+        stable = overlap >= theta  # (B, K)
+        k = torch.where(stable.any(1), stable.float().argmax(1) + 1, S - 1)  # first stable step, else K
+        scores, stats = pick(k)
+        views[f"halt{theta}"] = (scores, {"steps": k.double()})
+    if selector is not None:
+        logw = selector(R, entropy, top1)  # (B, K+1)
+        views["learned"] = pick(logw.argmax(1))
+        views["learned-mix"] = F.pad(torch.logsumexp(logw[..., None] + logp, dim=1), (1, 0))
+    return views
+
+
+def fit_selector(model, ds, cfg, device, cases=20_000, steps=300):
+    """Train a StepSelector on training cases (never validation or test): up to `cases` random
+    supervised positions of the training sequences, their K+1 states from the frozen model, and
+    each step's log-probability of the true next item. Objective: the log-likelihood of the target
+    under the weighted mixture of the steps' distributions, -log sum_k w_k p_k(target); a step
+    that ranks the target well gets more weight in cases that look alike. Returns the selector."""
+    model.eval()
+    K, E = cfg.steps, model.item_emb.weight
+    per_row = max(1, math.ceil(cases / max(len(ds.train), 1)))
+    gen = torch.Generator().manual_seed(cfg.seed + 7)
+    feats = {"R": [], "entropy": [], "top1": [], "target": []}
+    with torch.no_grad():
+        for inputs, targets in data.train_batches(ds.train, cfg.max_len, cfg.eval_batch_size, device=device,
+                                                  generator=gen, bucket=cfg.bucket):
+            B, L = inputs.shape
+            valid = targets != data.PAD
+            noise = torch.rand(B, L, generator=gen).to(device).masked_fill(~valid, -1.0)
+            pos = noise.topk(min(per_row, L), dim=1).indices  # (B, P) random supervised positions
+            ok = valid.gather(1, pos)
+            h, cache, key_ok = model.encode(inputs)
+            r0 = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
+            R = model.reason(cache, key_ok, pos, r0, K)[ok].float()  # (c, K+1, D)
+            t = targets.gather(1, pos)[ok]
+            logp, entropy, top1 = step_log_probs(R, E, cfg)
+            feats["R"].append(R), feats["entropy"].append(entropy), feats["top1"].append(top1)
+            feats["target"].append(logp.gather(-1, (t - 1)[:, None, None].expand(-1, K + 1, 1))[..., 0])
+    f = {k: torch.cat(v)[:cases] for k, v in feats.items()}  # target: (c, K+1) log p_k(target)
+    selector = StepSelector(R.shape[-1], K).to(device)
+    opt = torch.optim.Adam(selector.parameters(), lr=0.01)
+    for _ in range(steps):  # full batch: a few thousand numbers per case at most
+        loss = -torch.logsumexp(selector(f["R"], f["entropy"], f["top1"]) + f["target"], dim=1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.train()
+    return selector.eval()
+
+
+def choose_selector(valid, cfg):
+    """The adaptive selector (entropy, mean, halt<θ>, learned, learned-mix) with the best validation
+    --select-metric: chosen on validation only."""
+    names = [v for v in valid if v not in ("main", "oracle", "groups") and not v.startswith("step")]
+    return max(names, key=lambda v: valid[v][cfg.select_metric]) if names else None
+
+
+# -----------------------------------------------------------------------------
 # Evaluation (the shared full-ranking protocol of data.py)
 # -----------------------------------------------------------------------------
-def evaluate(model, split, cfg, device, analysis=False):
+def evaluate(model, split, cfg, device, analysis=False, selector=None, groups=None):
     """Full-ranking metrics of the model's recommendation state (ERL: mean, else r_K).
 
-    analysis=True adds one view per reasoning step r_0..r_K and the "oracle": per case the step
-    that ranks the target best, chosen with the label: the ceiling an ideal step selector could
-    reach (paper Fig. 2; Reconstructed: the paper gives no formula and the code has none, this is
-    its "post-hoc optimal reasoning step" read per test case).
-    Returns {metric: v} or {"main"/"step0".../"oracle": {metric: v}}.
+    analysis=True adds one view per reasoning step r_0..r_K, the step selectors (step_views) and
+    the "oracle": per case the step that ranks the target best, chosen with the label: the
+    ceiling an ideal step selector could reach (paper Fig. 2; Reconstructed: the paper gives no
+    formula and the code has none, this is its "post-hoc optimal reasoning step" read per test
+    case). groups: data.case_groups(...) for per-quartile metrics (paper Fig. 4).
+    Returns {metric: v} or {"main"/"step0"/.../"oracle": {metric: v}, "groups": ...}.
     """
     model.eval()
     E = model.item_emb.weight
@@ -714,14 +843,13 @@ def evaluate(model, split, cfg, device, analysis=False):
         with autocast(cfg, device):
             R = model(hist)  # (B, K+1, D)
         R = R.float()
-        main = model.user_state(R) @ E.T  # (B, N+1); tau does not change a ranking
         if not analysis:
-            return main
-        return {"main": main} | {f"step{k}": R[:, k] @ E.T for k in range(R.shape[1])}
+            return model.user_state(R) @ E.T  # (B, N+1); tau does not change a ranking
+        return step_views(model, R, cfg, selector)
 
     steps = [f"step{k}" for k in range(cfg.steps + 1)] if analysis else None
     res = data.evaluate(score_fn, split, cfg.max_len, device=device, batch_size=cfg.eval_batch_size,
-                        mask_history=cfg.mask_history, oracle_of=steps, trim=True)
+                        mask_history=cfg.mask_history, oracle_of=steps, trim=True, groups=groups)
     model.train()
     return res
 
@@ -767,7 +895,7 @@ class NonFiniteLoss(Exception):
 
 # Fields that may differ between a run and its --resume (everything else must match).
 RUN_ONLY = {"epochs", "patience", "resume", "device", "out", "benchmark", "eval_batch_size", "data_dir", "threads",
-            "loss_chunk"}
+            "loss_chunk", "select_step"}
 
 
 def train(cfg, model, ds, device):
@@ -939,6 +1067,51 @@ def benchmark(cfg, ds, device):
     return res
 
 
+def recommend_view(valid, cfg):
+    """--select-step -> the view whose metrics are the run's "valid" / "test": own = the method's
+    rule; auto = the best validation --select-metric among every view but the oracle."""
+    if cfg.select_step == "own":
+        return "main"
+    if cfg.select_step == "auto":
+        return max((v for v in valid if v not in ("oracle", "groups")), key=lambda v: valid[v][cfg.select_metric])
+    if cfg.select_step not in valid:
+        sys.exit(f"error: --select-step {cfg.select_step} is not a view of this run "
+                 f"({', '.join(v for v in valid if v not in ('oracle', 'groups'))}); use own or auto")
+    return cfg.select_step
+
+
+def analysis_results(valid, test, cfg):
+    """The per-step, oracle, selector and group entries of results.json."""
+    own, oracle = test["main"]["ndcg@10"], test["oracle"]["ndcg@10"]
+    def gap(m):  # the fraction of the own-view-to-oracle gap a view closes, on test NDCG@10
+        return (m["ndcg@10"] - own) / (oracle - own) if oracle > own else None
+    names = [v for v in valid if v not in ("main", "oracle", "groups") and not v.startswith("step")]
+    selectors = {v: {"valid": valid[v], "test": test[v], "gap_closed": gap(test[v])} for v in names}
+    best = choose_selector(valid, cfg)
+    return {"per_step": {k: v for k, v in test.items() if k.startswith("step")}, "oracle": test["oracle"],
+            "valid_per_step": {k: v for k, v in valid.items() if k.startswith("step")},
+            "valid_oracle": valid["oracle"], "selectors": selectors,
+            "selector": {"name": best, **selectors[best]} if best else None, "groups": test.get("groups")}
+
+
+def print_analysis(res):
+    """Per-step, oracle and selector rows, then NDCG@10 by quartile of history length and of target
+    popularity (paper Fig. 4)."""
+    for name, m in list(res["per_step"].items()) + [("oracle", res["oracle"])]:
+        print(f"test {name:11s} | {fmt(m)}")
+    for name, s in res["selectors"].items():
+        extra = "".join(f" | {k} {s['test'][k]:.2f}" for k in ("steps", "step") if k in s["test"])
+        closed = f"{100 * s['gap_closed']:+.0f} %" if s["gap_closed"] is not None else "n/a"
+        star = " <- chosen on valid" if res["selector"] and name == res["selector"]["name"] else ""
+        print(f"test {name:11s} | {fmt(s['test'])} | gap to oracle closed {closed}{extra}{star}")
+    for gname, g in (res["groups"] or {}).items():
+        views = ["main"] + list(res["per_step"]) + ([res["selector"]["name"]] if res["selector"] else []) + ["oracle"]
+        head = " | ".join(f"Q{i + 1} {lo}-{hi}" for i, (lo, hi) in enumerate(g["ranges"]))
+        print(f"test ndcg@10 by {gname} quartile | {head}")
+        for v in dict.fromkeys(views):
+            print(f"  {v:11s} | " + " | ".join(f"{q['ndcg@10']:.4f}" for q in g["views"][v]))
+
+
 # -----------------------------------------------------------------------------
 # Main
 # -----------------------------------------------------------------------------
@@ -982,23 +1155,23 @@ def main(argv=None):
         if info["best_epoch"] > 0:  # reload the best validation checkpoint of THIS run
             model.load_state_dict(torch.load(info["best_path"], map_location=device, weights_only=False)["model"])
         t0 = time.time()
-        valid = evaluate(model, ds.valid, cfg, device, analysis=True)
-        test = evaluate(model, ds.test, cfg, device, analysis=True)
+        selector = fit_selector(model, ds, cfg, device) if cfg.steps > 0 else None
+        valid = evaluate(model, ds.valid, cfg, device, analysis=True, selector=selector)
+        test = evaluate(model, ds.test, cfg, device, analysis=True, selector=selector,
+                        groups=data.case_groups(ds.test, ds.train))
         eval_seconds = time.time() - t0
     except (NonFiniteLoss, data.DataError) as e:
         sys.exit(f"error: {e}")
-    steps = {k: v for k, v in test.items() if k.startswith("step")}
-    results = {"config": dataclasses.asdict(cfg), "dataset": ds.stats, "valid": valid["main"],
-               "test": test["main"], "per_step": steps, "oracle": test["oracle"],
-               "valid_per_step": {k: v for k, v in valid.items() if k.startswith("step")},
-               "valid_oracle": valid["oracle"], "epochs": info["epoch"], "best_epoch": info["best_epoch"],
+    view = recommend_view(valid, cfg)
+    results = {"config": dataclasses.asdict(cfg), "dataset": ds.stats, "recommend_view": view,
+               "valid": valid[view], "test": test[view], **analysis_results(valid, test, cfg),
+               "epochs": info["epoch"], "best_epoch": info["best_epoch"],
                "train_seconds": info["train_seconds"], "eval_seconds": eval_seconds,
                "interrupted": info["interrupted"], "history": info["history"],
                "device": str(device), "torch": torch.__version__}
-    print(f"valid (best epoch {info['best_epoch']}) | {fmt(valid['main'])}")
-    print(f"test | {fmt(test['main'])} | {mask}")
-    for name, m in list(steps.items()) + [("oracle", test["oracle"])]:
-        print(f"test {name:6s} | {fmt(m)}")
+    print(f"valid (best epoch {info['best_epoch']}) | {fmt(valid[view])}" + (f" | view {view}" if view != "main" else ""))
+    print(f"test | {fmt(test[view])} | {mask}")
+    print_analysis(results)
     path = os.path.join(cfg.out, "results.json")
     with open(path + ".tmp", "w") as f:
         json.dump(results, f, indent=1)

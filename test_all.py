@@ -132,6 +132,44 @@ def test_evaluate_views_and_oracle():
     assert res["oracle"]["ndcg@5"] >= max(res["a"]["ndcg@5"], res["b"]["ndcg@5"])
 
 
+def test_case_groups_quartiles_and_group_metrics_by_hand():
+    """Fig. 4 groups: equal-sized quartiles of history length and of the target's training count;
+    each group's metric is the mean of its cases' metrics."""
+    lengths = [5, 1, 3, 2, 8, 4, 7, 6]
+    items = np.concatenate([np.full(n, 1 + i % 3) for i, n in enumerate(lengths)])  # histories of items 1..3
+    ends = np.cumsum(lengths)
+    split = data.Seqs(items, ends - lengths, ends, np.arange(8), np.array([1, 2, 3, 4, 4, 4, 4, 5]))
+    train = data.Seqs(np.array([1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4]), np.array([0]), np.array([11]), np.array([0]))
+    groups = data.case_groups(split, train)
+    g, ranges = groups["length"]
+    assert g.tolist() == [2, 0, 1, 0, 3, 1, 3, 2] and ranges == [[1, 2], [3, 4], [5, 6], [7, 8]]
+    g, ranges = groups["popularity"]  # target counts: 5, 3, 2, 1, 1, 1, 1, 0
+    assert g.tolist() == [3, 3, 2, 0, 1, 1, 2, 0] and ranges == [[0, 1], [1, 1], [1, 2], [3, 5]]  # ties: case order
+    torch.manual_seed(0)
+    scores = torch.randn(8, 6)
+    offset = iter([0, 3, 6])  # batches of 3 cases, in case order
+
+    def score_fn(h):
+        o = next(offset)
+        return {"v": scores[o:o + len(h)]}
+
+    res = data.evaluate(score_fn, split, 8, batch_size=3, mask_history=False, groups=groups)
+    per_case = data.rank_metrics(scores, torch.from_numpy(split.targets))["ndcg@5"]
+    for name in ("length", "popularity"):
+        gid = torch.from_numpy(groups[name][0])
+        expected = [per_case[gid == i].mean().item() for i in range(4)]
+        assert [q["ndcg@5"] for q in res["groups"][name]["views"]["v"]] == pytest.approx(expected)
+        assert res["groups"][name]["cases"] == [2, 2, 2, 2]
+
+
+def test_evaluate_averages_per_case_view_statistics():
+    ds = small_dataset()
+    scores = torch.zeros(2, ds.n_items + 1)
+    res = data.evaluate(lambda h: {"v": (scores[: len(h)], {"steps": torch.tensor([1.0, 4.0])[: len(h)]})},
+                        ds.test, 3, mask_history=False)
+    assert res["v"]["steps"] == pytest.approx(2.5) and "ndcg@10" in res["v"]
+
+
 def test_evaluate_trim_changes_no_metric():
     ds = small_dataset()
     torch.manual_seed(0)
@@ -922,6 +960,66 @@ def test_per_step_and_oracle_metrics_by_hand(tmp_path):
     assert res["main"]["mrr"] == pytest.approx(((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4 + (1 + 1 / 2) / 2) / 2)
 
 
+def hand_views(top_sets, peaks, **kw):
+    """States whose step k ranks exactly the items top_sets[b][k] first (30 items, one-hot item
+    embeddings, so a state IS its logits); peaks[b][k] scales the logits (a peaked step = a
+    low-entropy one). Returns step_views of the rpe model (tau = 1)."""
+    model = tiny_rearec("rpe", len(top_sets[0]) - 1, n_items=30, tau=1.0, **kw)
+    model.item_emb = torch.nn.Embedding(31, 30)
+    model.item_emb.weight.data = torch.cat([torch.zeros(1, 30), torch.eye(30)])
+    R = torch.zeros(len(top_sets), len(top_sets[0]), 30)
+    for b, steps in enumerate(top_sets):
+        for k, items in enumerate(steps):
+            R[b, k, torch.tensor(items) - 1] = peaks[b][k] * torch.linspace(1.0, 0.5, len(items))
+    return rearec.step_views(model, R, model.cfg), R
+
+
+def test_label_free_selectors_on_hand_made_states():
+    a, b, c = list(range(1, 11)), list(range(5, 15)), list(range(2, 12))  # |a & b| = 6, |a & c| = 9
+    d = list(range(21, 31))
+    top_sets = [[a, a, d],   # case 0: step 1 repeats step 0's list -> both rules halt at step 1
+                [a, b, b],   # case 1: 6/10 shared: halt0.5 stops at 1; halt0.8 at step 2 (b = b)
+                [a, d, c]]   # case 2: never stable -> both think to the last step
+    peaks = [[1, 1, 8], [1, 8, 1], [8, 1, 1]]  # the peaked (lowest-entropy) step per case
+    views, R = hand_views(top_sets, peaks)
+    assert views["halt0.5"][1]["steps"].tolist() == [1, 1, 2]
+    assert views["halt0.8"][1]["steps"].tolist() == [1, 2, 2]
+    assert views["entropy"][1]["step"].tolist() == [2, 1, 0]
+    for b, k in enumerate([2, 1, 0]):  # the chosen step's own scores rank the items
+        assert torch.equal(views["entropy"][0][b], views[f"step{k}"][b])
+    # mean: the average of the steps' log-probabilities, PAD column 0
+    logp = torch.log_softmax(R, dim=-1)
+    torch.testing.assert_close(views["mean"][:, 1:], logp.mean(1))
+    assert views["main"].shape == (3, 31) and torch.equal(views["main"], views["step2"])  # rpe: r_K
+
+
+def test_learned_selector_never_sees_the_label(tmp_path, monkeypatch):
+    """The learned selector is fitted on training cases only and chooses from the states alone:
+    shuffling the validation and test targets changes neither its weights nor its choices."""
+    ds = data.load_dataset(synthetic_file(tmp_path, 150), verbose=False)
+    model = tiny_rearec("prl", 2, n_items=ds.n_items, max_len=20)
+    model.cfg.max_len = 20
+    seen = []
+    real_views = rearec.step_views
+    monkeypatch.setattr(rearec, "step_views", lambda *a, **k: seen.append(v := real_views(*a, **k)) or v)
+    runs = []
+    for shuffle in (False, True):
+        if shuffle:
+            rng = np.random.default_rng(0)
+            ds.test.targets = rng.permutation(ds.test.targets)
+            ds.valid.targets = rng.permutation(ds.valid.targets)
+        torch.manual_seed(0)
+        sel = rearec.fit_selector(model, ds, model.cfg, "cpu", cases=500, steps=50)
+        seen.clear()
+        res = rearec.evaluate(model, ds.test, model.cfg, "cpu", analysis=True, selector=sel)
+        runs.append(([p.detach().clone() for p in sel.parameters()],
+                     torch.cat([v["learned"][1]["step"] for v in seen]), res))
+    (p0, choice0, res0), (p1, choice1, res1) = runs
+    assert all(torch.equal(x, y) for x, y in zip(p0, p1)) and torch.equal(choice0, choice1)
+    assert res0["learned"]["ndcg@10"] != res1["learned"]["ndcg@10"]  # the metrics do see the labels
+    assert sum(p.numel() for p in rearec.StepSelector(64, 2).parameters()) < 100  # "a tiny head"
+
+
 def synthetic_file(tmp_path, n_users=400):
     cols, _ = data.make_synthetic(n_users=n_users, seed=3)
     return write(tmp_path / "syn.txt", "".join(f"{u} {i}\n" for u, i in zip(cols["user"], cols["item"])))
@@ -949,6 +1047,14 @@ def test_cli_results_json_seed_and_resume(tmp_path):
     for k in ("ndcg@10", "recall@10", "ndcg@20", "recall@20", "mrr"):
         assert 0 <= saved["test"][k] <= 1
     assert saved["oracle"]["ndcg@10"] >= max(m["ndcg@10"] for m in saved["per_step"].values())
+    # step selectors (the best chosen on validation), with the share of the gap to the oracle they close
+    assert set(saved["selectors"]) == {"entropy", "mean", "halt0.5", "halt0.8", "learned", "learned-mix"}
+    best = saved["selector"]["name"]
+    assert saved["selectors"][best]["valid"]["ndcg@20"] == max(s["valid"]["ndcg@20"] for s in saved["selectors"].values())
+    own, orc, sel = saved["test"]["ndcg@10"], saved["oracle"]["ndcg@10"], saved["selector"]["test"]["ndcg@10"]
+    assert saved["selector"]["gap_closed"] == pytest.approx((sel - own) / (orc - own))
+    assert set(saved["groups"]) == {"length", "popularity"} and len(saved["groups"]["length"]["views"]["oracle"]) == 4
+    assert saved["recommend_view"] == "main"
     b = rearec.main(common + ["--epochs", "2", "--out", str(tmp_path / "b")])
     assert a["test"] == b["test"] and a["history"][-1]["loss"] == b["history"][-1]["loss"]
     # one epoch, then --resume to two: the same numbers as two epochs straight
@@ -957,6 +1063,11 @@ def test_cli_results_json_seed_and_resume(tmp_path):
     assert c["test"] == a["test"]
     with pytest.raises(SystemExit, match="other settings"):
         rearec.main(common + ["--epochs", "3", "--out", str(tmp_path / "c"), "--resume", "--lr", "0.01"])
+    # --select-step auto: the recommending view is the best on validation (the oracle excluded)
+    d = rearec.main(common + ["--epochs", "2", "--out", str(tmp_path / "c"), "--resume", "--select-step", "auto"])
+    saved = json.loads((tmp_path / "c" / "results.json").read_text())
+    views = {"main": saved["valid"]} | saved["valid_per_step"] | {k: s["valid"] for k, s in saved["selectors"].items()}
+    assert saved["valid"]["ndcg@20"] == max(v["ndcg@20"] for v in views.values()) and d["recommend_view"] != "oracle"
     assert not list(tmp_path.rglob("*.tmp"))
 
 
@@ -967,6 +1078,7 @@ def test_cli_results_json_seed_and_resume(tmp_path):
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--dataset", "ml-1x"], "unknown dataset"),
     (["--select-metric", "auc"], "--select-metric"),
+    (["--select-step", "best"], "--select-step must be"),
     (["--resume", "--out", "/nonexistent-dir-for-test"], "no checkpoint"),
 ])
 def test_rearec_bad_flags_give_one_clear_line(args, message):
