@@ -9,6 +9,7 @@ Run
     python data.py --dataset ml-1m --data-dir data --stats   # downloads ml-1m.zip once, then cached
     python data.py --dataset path/to/ml-1m.txt --stats   # any local file, layout auto-detected
     python data.py --report runs/a runs/b                # one markdown table of every results.json below
+    python data.py --plot runs/a --plot-out figures      # training curves, ReaRec Figs. 2, 4, 5 (matplotlib)
 
 Sequence layout (one worked example; PAD = 0, item ids are 1..N)
     A user's chronological items:          [7, 3, 9, 4, 2]
@@ -1114,6 +1115,139 @@ def report(dirs, split="test", metrics=REPORT_METRICS, views=False):
     return "\n".join(lines), table
 
 
+def plot(dirs, out="figures", metric="ndcg@20"):
+    """`python data.py --plot DIR [DIR ...]`: PNG figures from every results.json below the folders
+    (matplotlib, an optional extra: imported only here). Writes into `out`, per dataset D:
+        curves_D.png   validation `metric` and each training-loss term per epoch, one line per run
+        bars_D.png     ReaRec Fig. 2: test `metric` of base, each method's own view, its selector
+                       (chosen on validation) and its oracle, mean over seeds
+        groups_D_M.png ReaRec Fig. 4: test NDCG@10 of every view by quartile of history length and
+                       of target popularity, for each rearec method M (mean over seeds)
+        ksweep_D.png   ReaRec Fig. 5: test `metric` against K for each method run at several K
+    Returns the paths written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only, no screen
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DataError("--plot needs matplotlib, an optional extra: pip install matplotlib") from None
+    results = find_results(dirs)
+    _, table = report(dirs, metrics=(metric, "ndcg@10"), views=True)
+    os.makedirs(out, exist_ok=True)
+    written = []
+
+    def save(fig, name):
+        path = os.path.join(out, name)
+        fig.tight_layout()
+        fig.savefig(path + ".tmp.png", dpi=90)
+        os.replace(path + ".tmp.png", path)  # never a half-written figure
+        plt.close(fig)
+        written.append(path)
+
+    def label(row_or_cfg, name):
+        sett = ", ".join(f"{k}={v}" for k, v in row_or_cfg) if row_or_cfg else ""
+        return name + (f" ({sett})" if sett else "")
+
+    datasets = sorted({r["dataset"] for r in table})
+    for ds in datasets:
+        runs = [(p, res) for p, res in results if result_rows(p, res) and result_rows(p, res)[0]["dataset"] == ds]
+        # 1. training curves (runs with a per-epoch history: rearec.py, stream_rec.py stages)
+        curves = []
+        for p, res in runs:
+            hist = [(res.get("config", {}).get("method", "run"), res.get("history"))]
+            if "method" not in res.get("config", {}):
+                hist = [(s, res[s].get("history")) for s in ("base", "stage1", "stage2", "stage3") if isinstance(res.get(s), dict)]
+            for name, h in hist:
+                if h:
+                    curves.append((f"{name} {os.path.basename(os.path.dirname(p))}", h))
+        if curves:
+            terms = sorted({k for _, h in curves for e in h for k in e
+                            if not k.startswith("valid") and k not in ("epoch", "train_seconds", "eval_seconds", "wall_s")
+                            and isinstance(e[k], (int, float))})
+            fig, axes = plt.subplots(1, 1 + len(terms), figsize=(4 * (1 + len(terms)), 3.2), squeeze=False)
+            for name, h in curves:
+                ep = [e.get("epoch", i + 1) for i, e in enumerate(h)]
+                key = f"valid_{metric}" if f"valid_{metric}" in h[0] else next((k for k in h[0] if k.startswith("valid")), None)
+                if key:
+                    axes[0, 0].plot(ep, [e.get(key) for e in h], label=name, lw=1)
+                for ax, t in zip(axes[0, 1:], terms):
+                    if any(t in e for e in h):
+                        ax.plot([x for x, e in zip(ep, h) if t in e], [e[t] for e in h if t in e], lw=1)
+            axes[0, 0].set(title=f"{ds}: valid {metric}", xlabel="epoch")
+            for ax, t in zip(axes[0, 1:], terms):
+                ax.set(title=f"train {t}", xlabel="epoch")
+            if len(curves) <= 12:
+                axes[0, 0].legend(fontsize=6)
+            save(fig, f"curves_{ds}.png")
+        rows = [r for r in table if r["dataset"] == ds and r["script"] == "rearec"]
+        # 2. Fig. 2 bars: base | own view | selector | oracle, per method (mean over seeds)
+        methods = [r for r in rows if " (" not in r["name"] and r["name"] != "base"]
+        base = [r for r in rows if r["name"] == "base"]
+        if methods or base:
+            fig, ax = plt.subplots(figsize=(max(5, 1.8 * (len(methods) + 1)), 3.4))
+            ticks, names, x = [], [], 0.0
+
+            def bar(pos, value, color, what):
+                ax.bar(pos, value, width=0.8, color=color, label=what if what not in ax.get_legend_handles_labels()[1] else None)
+                ax.text(pos, value, f"{value:.4f}", ha="center", va="bottom", fontsize=6, rotation=90)
+            for r in base[:1]:
+                bar(x, r["stats"][metric][0], "grey", "base")
+                ticks, names, x = [x], [label(r["settings"], "base")], x + 1.6
+            for r in methods:
+                sib = {s["name"].split(" (", 1)[1][:-1]: s for s in rows if s["name"].startswith(r["name"] + " (")
+                       and s["K"] == r["K"] and s["settings"] == r["settings"]}
+                sel = next((s for k, s in sib.items() if k.startswith("selector")), None)
+                for j, (what, s) in enumerate([("own view", r), ("selector", sel), ("oracle", sib.get("oracle"))]):
+                    if s is not None and s["stats"][metric][0] is not None:
+                        bar(x + 0.8 * j, s["stats"][metric][0], f"C{j}", what)
+                ticks.append(x + 0.8)
+                names.append(label(r["settings"], f"{r['name']} K={r['K']}"))
+                x += 3.2
+            ax.set_xticks(ticks, names, fontsize=6, rotation=15)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.15)  # room for the value labels
+            ax.set(title=f"{ds}: test {metric} (Fig. 2)")
+            ax.legend(fontsize=7, loc="lower right")
+            save(fig, f"bars_{ds}.png")
+        # 3. Fig. 4 groups: one figure per rearec run family with groups (mean over seeds)
+        fams = {}
+        for p, res in runs:
+            if res.get("groups") and "method" in res.get("config", {}):
+                c = res["config"]
+                fams.setdefault((c["method"], c.get("steps", 0)), []).append(res["groups"])
+        for (method, K), gs in fams.items():
+            fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+            for ax, gname in zip(axes, ("length", "popularity")):
+                views = list(gs[0][gname]["views"])
+                views = [v for v in views if v.startswith("step") or v in ("main", "oracle")]
+                for j, v in enumerate(views):
+                    vals = np.mean([[q["ndcg@10"] for q in g[gname]["views"][v]] for g in gs], axis=0)
+                    ax.bar(np.arange(len(vals)) + j / (len(views) + 1), vals, width=1 / (len(views) + 1), label=v)
+                ranges = gs[0][gname]["ranges"]
+                ax.set_xticks(np.arange(len(ranges)) + 0.4, [f"Q{i + 1}\n{lo}-{hi}" for i, (lo, hi) in enumerate(ranges)],
+                              fontsize=7)
+                ax.set(title=f"{ds} {method} K={K}: test ndcg@10 by {gname}")
+            axes[0].legend(fontsize=6)
+            save(fig, f"groups_{ds}_{method}{K}.png")
+        # 4. Fig. 5 K sweep: methods run at two or more K with otherwise equal settings
+        sweeps = {}
+        for r in methods:
+            sett = tuple((k, v) for k, v in r["settings"] if k != "steps")
+            sweeps.setdefault((r["name"], sett), []).append(r)
+        sweeps = {k: sorted(v, key=lambda r: r["K"]) for k, v in sweeps.items() if len({r["K"] for r in v}) > 1}
+        if sweeps:
+            fig, ax = plt.subplots(figsize=(4.5, 3.2))
+            for (name, sett), rs in sweeps.items():
+                ax.plot([r["K"] for r in rs], [r["stats"][metric][0] for r in rs], marker="o", label=label(sett, name))
+            if base:
+                ax.axhline(base[0]["stats"][metric][0], color="grey", ls="--", label="base")
+            ax.set(title=f"{ds}: test {metric} vs K (ReaRec Fig. 5)", xlabel="reasoning steps K")
+            ax.legend(fontsize=6)
+            save(fig, f"ksweep_{ds}.png")
+    if not written:
+        raise DataError(f"--plot: nothing to draw from the results.json under {', '.join(dirs)}")
+    return written
+
+
 # -----------------------------------------------------------------------------
 # CLI
 # -----------------------------------------------------------------------------
@@ -1157,8 +1291,16 @@ def main(argv=None):
                    help="with --report: which split's metrics (valid for tuning tables)")
     p.add_argument("--views", action="store_true",
                    help="with --report: also a row per reasoning step, the oracle and the selector (rearec.py)")
+    p.add_argument("--plot", nargs="+", metavar="DIR",
+                   help="draw PNG figures (training curves, ReaRec Fig. 2/4/5) from every results.json "
+                        "under these folders; needs matplotlib (pip install matplotlib)")
+    p.add_argument("--plot-out", default="figures", help="with --plot: the folder for the PNG files")
     args = p.parse_args(argv)
     try:
+        if args.plot:
+            paths = plot(args.plot, args.plot_out)
+            print("\n".join(f"wrote {q}" for q in paths))
+            return paths
         if args.report:
             text, _ = report(args.report, split=args.report_split, views=args.views)
             print(text)

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -533,6 +534,39 @@ def test_report_mean_std_seeds_and_change_against_base(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         data.main(["--report", str(tmp_path / "missing")])
     assert str(e.value).startswith("error: --report:") and "\n" not in str(e.value)
+
+
+def plot_fixture(tmp_path):
+    groups = {g: {"ranges": [[1, 2], [3, 4], [5, 6], [7, 9]], "cases": [1, 1, 1, 1],
+                  "views": {v: [{"ndcg@10": 0.1 * (i + 1)} for i in range(4)] for v in ("main", "step0", "step1", "oracle")}}
+              for g in ("length", "popularity")}
+    fake_rearec_result(tmp_path / "base", "base", 0, 0.1)
+    for K in (1, 2):
+        fake_rearec_result(tmp_path / f"prl{K}", "prl", 0, 0.1 + 0.01 * K, steps=K)
+        res = json.loads((tmp_path / f"prl{K}" / "results.json").read_text())
+        res |= {"groups": groups, "history": [{"epoch": 1, "loss": 3.0, "ce": 2.0, "valid_ndcg@20": 0.1},
+                                              {"epoch": 2, "loss": 2.5, "ce": 1.8, "cl": 0.3, "valid_ndcg@20": 0.12}],
+                "selector": {"name": "entropy", "valid": res["valid"], "test": res["test"]}}
+        (tmp_path / f"prl{K}" / "results.json").write_text(json.dumps(res))
+
+
+def test_plot_command_writes_the_figures(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is an optional extra (pip install matplotlib); CI installs only requirements.txt")
+    plot_fixture(tmp_path / "runs")
+    paths = data.main(["--plot", str(tmp_path / "runs"), "--plot-out", str(tmp_path / "fig")])
+    names = sorted(os.path.basename(p) for p in paths)
+    assert names == ["bars_Toys.png", "curves_Toys.png", "groups_Toys_prl1.png", "groups_Toys_prl2.png", "ksweep_Toys.png"]
+    for p in paths:
+        assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(p).stat().st_size > 5000
+    assert not list((tmp_path / "fig").glob("*.tmp*"))
+
+
+def test_plot_without_matplotlib_is_one_clear_line(tmp_path, monkeypatch):
+    plot_fixture(tmp_path / "runs")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    with pytest.raises(SystemExit) as e:
+        data.main(["--plot", str(tmp_path / "runs"), "--plot-out", str(tmp_path / "fig")])
+    assert str(e.value) == "error: --plot needs matplotlib, an optional extra: pip install matplotlib"
 
 
 # --- The real ML-1M files, where the shared data folder is present -----------------------------------
