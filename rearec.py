@@ -14,6 +14,9 @@ Implements:
     - training of the reasoning at EVERY position of a sequence in one pass (SASRec)
     - methods: base (K=0), naive (no RPE), rpe, erl (§3.2), prl (§3.3)
     - per-step metrics and the label-chosen "oracle" step (the paper's Fig. 2 ceiling)
+    - adaptive reasoning depth, the paper's open problem: step selectors that choose a step per
+      case without the label (entropy, mean, halting, a tiny learned head), chosen on validation
+    - metrics by quartile of history length and of target popularity (the paper's Fig. 4)
     - early stopping on validation, atomic checkpoints, --resume, a speed/memory benchmark
 Omits: the text-based backbones (UniSRec, MoRec: LLaMA features, not released).
 
@@ -22,6 +25,8 @@ Run:
     python rearec.py --method base                       # plain SASRec on the same data
     python rearec.py --dataset ml-1m --device cuda       # ML-1M, downloaded into ./data once
     python rearec.py --dataset path/to/ml-1m.txt --benchmark   # speed and memory, K=0 vs K=2
+    for K in 1 2 3 4 5; do python rearec.py --steps $K --out runs/k$K; done   # the K sweep (Fig. 5) ...
+    python data.py --report runs --views && python data.py --plot runs     # ... as a table and figures
 
 Notation (paper -> code):
     E (item embeddings, tied with the output layer)     item_emb.weight      (N+1, D), row 0 = PAD
