@@ -1,6 +1,6 @@
-"""Tests of data.py, rearec.py and stream_rec.py: offline, CPU only, a few minutes at most.
+"""Tests of data.py, rearec.py and stream_rec.py: offline, CPU only.
 
-Run: python -m pytest -q test_all.py
+Run: python -m pytest -q -rs test_all.py   (-rs prints the reason of every skipped test)
 """
 import gzip
 import hashlib
@@ -19,6 +19,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+
+# The models here are tiny: torch's default of one thread per core only oversubscribes a CPU that
+# other jobs share (the suite took 12 min instead of 30 s that way). One thread for every test.
+torch.set_num_threads(1)
 
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
 
@@ -451,7 +455,8 @@ def test_cli_stats_json(tmp_path, capsys):
 
 
 # --- The real ML-1M files, where the shared data folder is present -----------------------------------
-@pytest.mark.skipif(not (SHARED / "sasrec" / "ml-1m.txt").exists(), reason="shared data folder absent")
+@pytest.mark.skipif(not (SHARED / "sasrec" / "ml-1m.txt").exists(),
+                    reason=f"needs the shared data folder {SHARED} (../shared/data beside the repo)")
 def test_raw_ml1m_reproduces_sasrec_order():
     """Raw ratings.dat (first 2,999 users) -> our parse + stable sort equals SASRec's ml-1m.txt
     for every user, item for item (through the published id mappings)."""
