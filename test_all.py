@@ -425,6 +425,9 @@ def test_named_dataset_downloads_once_then_works_offline(tmp_path, monkeypatch):
     (["--dataset", "{f}"], '{"foo": 1}\n', "line 1: not a review record"),
     (["--dataset", "{f}"], "1 2 3\n\n1\n", "line 3"),
     (["--dataset", "{gz}"], None, "cannot read"),
+    (["--dataset", "{f}"], "user,item\n", "has a header but no rows"),  # not "lower --kcore"
+    (["--dataset", "{f}", "--kcore", "-1"], "1 2\n1 3\n1 4\n", "--kcore must be >= 0"),
+    (["--dataset", "{f}"], "u1 a\n" * 1001 + "u1 b c\n", "line 1002"),  # string ids, bad line late
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, args, text, message):
     f = tmp_path / "in.txt"
@@ -436,6 +439,36 @@ def test_bad_input_gives_one_clear_line(tmp_path, args, text, message):
     with pytest.raises(SystemExit) as e:
         data.main(args + ["--data-dir", str(tmp_path)])
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_two_column_files_take_string_ids_like_the_other_layouts(tmp_path):
+    ds = data.load_dataset(write(tmp_path / "pairs.txt", "u1 B0A\nu1 B0C\nu1 B0B\nu2 B0A\nu2 B0B\nu2 B0C\n"),
+                           verbose=False)
+    assert full_sequences(ds) == {"u1": ["B0A", "B0C", "B0B"], "u2": ["B0A", "B0B", "B0C"]}
+
+
+def test_offline_multi_file_dataset_names_every_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "AMZ2023", "http://127.0.0.1:9/")  # discard port: nothing listens
+    with pytest.raises(SystemExit) as e:
+        data.main(["--dataset", "amazon2023-Toys-time", "--data-dir", str(tmp_path)])
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg and "place them in" in msg
+    assert all(f"Toys.{s}.csv.gz" in msg for s in ("train", "valid", "test"))
+
+
+def test_corrupt_cached_download_is_kept_until_a_good_copy_replaces_it(tmp_path, capsys):
+    body = gzip.compress(b"user,item\n1,2\n")
+    dest = tmp_path / "f.csv.gz"
+    dest.write_bytes(body[:-10])  # a truncated cached copy
+    with pytest.raises(data.DataError, match="cached copy is corrupt"):  # offline: keep what we have
+        data.download("http://127.0.0.1:9/f.csv.gz", str(dest))
+    assert dest.read_bytes() == body[:-10]
+    srv = Server({"f.csv.gz": body})
+    try:
+        data.download(srv.url + "f.csv.gz", str(dest))
+    finally:
+        srv.close()
+    assert dest.read_bytes() == body and not list(tmp_path.glob("*.part"))
 
 
 def test_offline_named_dataset_error(tmp_path, monkeypatch):
