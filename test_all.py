@@ -9,6 +9,9 @@ import json
 import math
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import zipfile
 from pathlib import Path
@@ -959,11 +962,144 @@ def test_cli_results_json_seed_and_resume(tmp_path):
     (["--dataset", "ml-1x"], "unknown dataset"),
     (["--select-metric", "auc"], "--select-metric"),
     (["--resume", "--out", "/nonexistent-dir-for-test"], "no checkpoint"),
+    # values that used to pass the checks and then crash, or train nothing and exit 0
+    (["--heads", "0"], "--heads must be >= 1"),
+    (["--seed", "-1"], "--seed must be in 0..2^32-1"),
+    (["--weight-decay", "-1"], "--weight-decay and --grad-clip must be >= 0"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
+    (["--eval-batch-size", "-1"], "--eval-batch-size must be >= 1"),
+    (["--max-len", "1000000000"], "--max-len must be 0 (auto) to 10000"),
+    (["--patience", "0"], "--patience must be >= 1"),
+    (["--bucket", "-1"], "--bucket must be >= 0"),
+    (["--kcore", "-1"], "--kcore must be >= 0"),
+    (["--kl-weight", "1e30"], "--kl-weight must be <= 1"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--noise", "nan"], "--noise must be a finite number"),
+    (["--cl-tau", "-1"], "--cl-tau must be >= 0"),
+    (["--cl-anchors", "0"], "--cl-anchors must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--warmup-steps", "-2"], "--warmup-steps >= -1"),
+    (["--dtype", "float16"], "--dtype must be float32 or bfloat16"),
+    (["--resume", "--overwrite"], "pass one of them"),
 ])
-def test_rearec_bad_flags_give_one_clear_line(args, message):
+def test_rearec_bad_flags_give_one_clear_line(tmp_path, args, message):
+    out = [] if "--out" in args else ["--out", str(tmp_path / "run")]  # never the working folder's runs/
     with pytest.raises(SystemExit) as e:
-        rearec.main(args)
+        rearec.main(args + out)
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def tiny_rearec_args(tmp_path, out, *extra):
+    return ["--dataset", synthetic_file(tmp_path, 200), "--hidden", "16", "--warmup", "0", "--batch-size", "64",
+            "--max-len", "20", "--epochs", "1", "--out", str(tmp_path / out), *extra]
+
+
+def one_line_error(e, *phrases):
+    msg = str(e.value)
+    return msg.startswith("error: ") and "\n" not in msg and all(p in msg for p in phrases)
+
+
+def test_rearec_out_is_checked_before_any_work(tmp_path, monkeypatch):
+    """A file, an unwritable path, a folder holding another run, a folder in use: one line each,
+    before the data is even read."""
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("read the data before checking --out"))
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "results.json").write_text("{}")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live process
+    for out, phrases in [("f", ["is a file"]), ("f/sub", ["cannot create --out"]),
+                         ("done", ["holds another run (results.json)", "--resume", "--overwrite", "new --out"]),
+                         ("busy", [f"in use by another run (pid {os.getpid()})", "another --out"])]:
+        with pytest.raises(SystemExit) as e:
+            rearec.main(["--out", str(tmp_path / out)])
+        assert one_line_error(e, *phrases), (out, str(e.value))
+    assert (tmp_path / "busy" / ".lock").exists()  # another run's lock is never removed
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "ro").mkdir(mode=0o500)
+        with pytest.raises(SystemExit) as e:
+            rearec.main(["--out", str(tmp_path / "ro" / "run")])
+        assert one_line_error(e, "cannot create --out")
+
+
+def test_rearec_another_run_needs_resume_or_overwrite_and_stale_locks_go(tmp_path, capsys):
+    first = rearec.main(tiny_rearec_args(tmp_path, "a"))
+    with pytest.raises(SystemExit) as e:  # the same command again: refused, the run kept
+        rearec.main(tiny_rearec_args(tmp_path, "a"))
+    assert one_line_error(e, "holds another run", "--resume", "--overwrite")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "a" / ".lock").write_text(f"{dead.pid} {socket.gethostname()}\n")  # as after a SIGKILL
+    again = rearec.main(tiny_rearec_args(tmp_path, "a", "--overwrite", "--seed", "1"))
+    assert "removed the stale lock" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["config"]["seed"] == 1 and again["test"] != first["test"]
+    assert not (tmp_path / "a" / ".lock").exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+def interrupt_on_call(n, real):
+    """A stand-in for `real` that raises KeyboardInterrupt (Ctrl-C) on its n-th call."""
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    return fake
+
+
+def test_rearec_ctrl_c_exits_130_tells_what_last_pt_holds_and_loses_nothing(tmp_path, monkeypatch, capsys):
+    a = tmp_path / "a"
+    rearec.main(tiny_rearec_args(tmp_path, "a"))  # a finished run
+    before = {f: (a / f).read_bytes() for f in ("results.json", "last.pt", "best.pt")}
+    # --overwrite, Ctrl-C in epoch 1: the finished run stays whole, and the message says so
+    with monkeypatch.context() as m:
+        m.setattr(rearec, "compute_loss", interrupt_on_call(1, rearec.compute_loss))
+        with pytest.raises(SystemExit) as e:
+            rearec.main(tiny_rearec_args(tmp_path, "a", "--overwrite", "--epochs", "4"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1 and "before this run finished an epoch" in err[0]
+    assert "last.pt is untouched" in err[0]
+    assert {f: (a / f).read_bytes() for f in before} == before and not (a / ".lock").exists()
+    # Ctrl-C in epoch 2's validation: last.pt holds epoch 1, results.json says interrupted, and
+    # --resume then gives exactly the uninterrupted run
+    with monkeypatch.context() as m:
+        m.setattr(rearec, "evaluate", interrupt_on_call(2, rearec.evaluate))
+        with pytest.raises(SystemExit) as e:
+            rearec.main(tiny_rearec_args(tmp_path, "b", "--epochs", "2"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1 and "holds epoch 1" in err[0] and "--resume" in err[0]
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert saved["interrupted"] is True and saved["epochs"] == 1
+    resumed = rearec.main(tiny_rearec_args(tmp_path, "b", "--epochs", "2", "--resume"))
+    straight = rearec.main(tiny_rearec_args(tmp_path, "c", "--epochs", "2"))
+    assert resumed["test"] == straight["test"] and resumed["interrupted"] is False
+    # Ctrl-C while loading the data, and during the final evaluation
+    for name, real, phrase in [("load_dataset", data.load_dataset, "before this run wrote anything"),
+                               ("evaluate", rearec.evaluate, "during the final evaluation")]:
+        with monkeypatch.context() as m:
+            m.setattr(data if name == "load_dataset" else rearec, name,
+                      interrupt_on_call(1 if name == "load_dataset" else 2, real))
+            with pytest.raises(SystemExit) as e:
+                rearec.main(tiny_rearec_args(tmp_path, "d" + name))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 130 and len(err) == 1 and phrase in err[0], err
+        assert not (tmp_path / ("d" + name) / "results.json").exists()
+        assert not (tmp_path / ("d" + name) / ".lock").exists()
+
+
+def test_rearec_corrupt_checkpoints_are_one_line(tmp_path):
+    rearec.main(tiny_rearec_args(tmp_path, "a"))
+    for name in ("last.pt", "best.pt"):
+        path = tmp_path / "a" / name
+        good = path.read_bytes()
+        for bad in (os.urandom(3000), good[:3000]):  # random bytes, a truncated file
+            path.write_bytes(bad)
+            with pytest.raises(SystemExit) as e:
+                rearec.main(tiny_rearec_args(tmp_path, "a", "--resume", "--epochs", "2"))
+            assert one_line_error(e, f"{path} is corrupt or incomplete; delete it or use a new --out")
+        path.write_bytes(good)
 
 
 def test_bfloat16_on_a_cpu_without_native_bf16_is_a_clear_error(monkeypatch):
