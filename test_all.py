@@ -1400,7 +1400,10 @@ def test_tiny_run_writes_valid_results_json(tiny_run):
 def test_each_stage_loads_the_previous_checkpoint_and_reruns_alone(tiny_run):
     root, res = tiny_run
     # stage 2 alone starts from stage1.pt and base.pt and repeats the full run's numbers
-    again = sr.main(tiny_args(root / "a", "--stages", "2,3"))
+    with pytest.raises(SystemExit) as e:  # rerunning stages that have checkpoints needs --overwrite
+        sr.main(tiny_args(root / "a", "--stages", "2,3"))
+    assert one_line_error(e, "already holds stage2.pt, stage3.pt", "--resume", "--overwrite")
+    again = sr.main(tiny_args(root / "a", "--stages", "2,3", "--overwrite"))
     assert strip_times(again["stage2"]) == strip_times(res["stage2"])
     assert strip_times(again["stage3"]) == strip_times(res["stage3"])
     skipped = sr.main(tiny_args(root / "a", "--resume"))  # everything finished: nothing reruns
@@ -1410,7 +1413,7 @@ def test_each_stage_loads_the_previous_checkpoint_and_reruns_alone(tiny_run):
         sr.main(tiny_args(root / "empty", "--stages", "3"))
     assert "stage2.pt" in str(e.value) and "--stages 2" in str(e.value)
     with pytest.raises(SystemExit) as e:  # the saved stage 1 has another trace length
-        sr.main(tiny_args(root / "a", "--stages", "2", "--trace-len", "3"))
+        sr.main(tiny_args(root / "a", "--stages", "2", "--trace-len", "3", "--overwrite"))
     assert "trace_len=2" in str(e.value) and "trace_len=3" in str(e.value)
     with pytest.raises(SystemExit) as e:  # --resume with another training setting
         sr.main(tiny_args(root / "a", "--resume", "--lambda-dpo", "0.5"))
@@ -1423,10 +1426,10 @@ def test_unfinished_parents_and_stale_results(tiny_run):
     ck = torch.load(root / "e" / "stage2.pt", weights_only=True)
     torch.save(ck | {"done": False}, root / "e" / "stage2.pt")  # as if stage 2 had been interrupted
     with pytest.raises(SystemExit) as e:
-        sr.main(tiny_args(root / "e", "--stages", "3"))
-    assert "did not finish" in str(e.value) and "--stages 2" in str(e.value)
+        sr.main(tiny_args(root / "e", "--stages", "3", "--overwrite"))
+    assert "did not finish" in str(e.value) and "--stages 2 --resume" in str(e.value)
     # rerunning stage 2 alone drops stage 3's results: they were trained from the old stage 2
-    again = sr.main(tiny_args(root / "e", "--stages", "2"))
+    again = sr.main(tiny_args(root / "e", "--stages", "2", "--overwrite"))
     saved = json.loads((root / "e" / "results.json").read_text())
     assert "stage3" not in again and "stage3" not in saved and {"base", "stage1", "stage2"} <= set(saved)
 
@@ -1466,10 +1469,21 @@ def test_baseline_learns_the_synthetic_data(tmp_path):
     (["--rank-negs", "0"], "--rank-negs must be >= 1 while --w-rank is on"),
     (["--levels", "9", "--codebook-size", "256", "--stages", "base"], "more code tuples than an int64 key holds"),
     (["--dataset", "no-such-set"], "unknown dataset 'no-such-set'"),
+    # values that used to pass the checks and then crash, run out of memory or train nothing
+    (["--seed", "-1"], "--seed must be in 0..2^32-1"),
+    (["--kcore", "-1"], "--kcore must be >= 0"),
+    (["--max-len", "1000000"], "encoder tokens, more than 1024"),
+    (["--lambda-dpo", "inf"], "--lambda-dpo must be a finite number"),
+    (["--w-format", "-1"], "--w-format must be >= 0"),
+    (["--w-format", "0", "--w-match", "0", "--w-sim", "0", "--w-lik", "0", "--w-rank", "0"], "stage 3 needs a reward"),
+    (["--resume", "--overwrite"], "pass one of them"),
+    (["--beam-valid", "100000", "--stages", "base"], "--beam-valid 100000 is wider than the 400 items"),
+    (["--beam-test", "401", "--stages", "base"], "--beam-test 401 is wider than the 400 items"),
+    (["--rank-negs", "100000"], "--rank-negs 100000 needs that many other items"),
 ])
-def test_bad_flags_give_one_clear_line(args, message):
+def test_bad_flags_give_one_clear_line(tmp_path, args, message):
     with pytest.raises(SystemExit) as e:
-        sr.main(args)
+        sr.main(args + ["--out", str(tmp_path / "run")])  # never the working folder's runs/
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -1486,3 +1500,54 @@ def test_missing_device_text_features_and_nonfinite_loss_are_clear_errors(tiny_r
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(sr.RunError, match="lower --sft-lr"):
         sr.update(model, opt, torch.tensor(float("nan"), requires_grad=True), sr.Config(), "stage2")
+
+
+def test_out_checks_lock_and_corrupt_files_are_one_line(tiny_run, monkeypatch):
+    root, _ = tiny_run
+    (root / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        sr.main(tiny_args(root / "file"))
+    assert one_line_error(e, "is a file")
+    shutil.copytree(root / "a", root / "f")
+    assert not (root / "a" / ".lock").exists() and not list((root / "a").glob("*_last.pt"))
+    (root / "f" / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live run holds it
+    with pytest.raises(SystemExit) as e:
+        sr.main(tiny_args(root / "f", "--stages", "3", "--overwrite"))
+    assert one_line_error(e, f"in use by another run (pid {os.getpid()})")
+    (root / "f" / ".lock").unlink()
+    good = {n: (root / "f" / n).read_bytes() for n in ("stage2.pt", "results.json")}
+    for name, bad in [("stage2.pt", os.urandom(3000)), ("stage2.pt", good["stage2.pt"][:3000]),
+                      ("results.json", good["results.json"][:100])]:
+        (root / "f" / name).write_bytes(bad)
+        with pytest.raises(SystemExit) as e:
+            sr.main(tiny_args(root / "f", "--stages", "3", "--overwrite"))
+        assert one_line_error(e, f"{root / 'f' / name} is corrupt or incomplete; delete it or use a new --out")
+        (root / "f" / name).write_bytes(good[name])
+
+
+@pytest.mark.parametrize("stage, flags", [("base", ["--stages", "base", "--epochs", "2"]),
+                                          ("stage3", ["--stages", "3", "--rl-epochs", "2", "--overwrite"])])
+def test_ctrl_c_exits_130_and_resume_continues_the_stage_from_its_last_epoch(tiny_run, monkeypatch, capsys,
+                                                                           stage, flags):
+    root, _ = tiny_run
+    for name in ("straight", "stopped") if stage == "stage3" else ():  # it starts from the saved stage 2
+        shutil.copytree(root / "a", root / f"{stage}_{name}")
+    straight = sr.main(tiny_args(root / f"{stage}_straight", *flags))
+    out = root / f"{stage}_stopped"
+    with monkeypatch.context() as m:  # Ctrl-C during epoch 2's validation
+        m.setattr(sr, "evaluate_split", interrupt_on_call(2, sr.evaluate_split))
+        with pytest.raises(SystemExit) as e:
+            sr.main(tiny_args(out, *flags))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1, err
+    assert f"in {stage} epoch 2; {out / (stage + '_last.pt')} holds its epoch 1" in err[0] and "--resume" in err[0]
+    resumed = sr.main(tiny_args(out, *[f for f in flags if f != "--overwrite"], "--resume"))
+    assert f"{stage}: resumed from" in capsys.readouterr().out
+    assert strip_times(resumed[stage]) == strip_times(straight[stage])
+    assert not (out / f"{stage}_last.pt").exists() and not (out / ".lock").exists()
+    with monkeypatch.context() as m:  # Ctrl-C while loading the data: one line, exit 130
+        m.setattr(data, "load_dataset", interrupt_on_call(1, data.load_dataset))
+        with pytest.raises(SystemExit) as e:
+            sr.main(tiny_args(root / f"{stage}_startup"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1 and "during start-up; nothing written yet" in err[0]
