@@ -31,8 +31,8 @@ Omits: the pretrained text encoder and the RQ-VAE (no downloads offline: TF-IDF/
 Run
     python stream_rec.py                                  # synthetic data, all stages, CPU, minutes
     python stream_rec.py --stages base,1 --trace-len 6    # some stages only (paper order)
-    python stream_rec.py --stages 3 --out runs/stream_rec # rerun stage 3 from the saved stage 2
-    python stream_rec.py --resume                         # skip the stages already finished
+    python stream_rec.py --stages 3 --overwrite           # rerun stage 3 from the saved stage 2
+    python stream_rec.py --resume                         # skip finished stages, continue an interrupted one
     python stream_rec.py --stages 3 --eval-only --trace-decode greedy   # re-evaluate a stage
     python stream_rec.py --dataset ml-1m --data-dir DIR --epochs 5 --max-examples 100000
     python stream_rec.py --benchmark --dataset ml-1m --data-dir DIR    # timings, peak memory

@@ -1514,7 +1514,9 @@ def test_out_checks_lock_and_corrupt_files_are_one_line(tiny_run, monkeypatch):
     with pytest.raises(SystemExit) as e:
         sr.main(tiny_args(root / "f", "--stages", "3", "--overwrite"))
     assert one_line_error(e, f"in use by another run (pid {os.getpid()})")
-    (root / "f" / ".lock").unlink()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (root / "f" / ".lock").write_text(f"{dead.pid} {socket.gethostname()}\n")  # as after a SIGKILL: stale
     good = {n: (root / "f" / n).read_bytes() for n in ("stage2.pt", "results.json")}
     for name, bad in [("stage2.pt", os.urandom(3000)), ("stage2.pt", good["stage2.pt"][:3000]),
                       ("results.json", good["results.json"][:100])]:
@@ -1522,7 +1524,21 @@ def test_out_checks_lock_and_corrupt_files_are_one_line(tiny_run, monkeypatch):
         with pytest.raises(SystemExit) as e:
             sr.main(tiny_args(root / "f", "--stages", "3", "--overwrite"))
         assert one_line_error(e, f"{root / 'f' / name} is corrupt or incomplete; delete it or use a new --out")
+        assert not (root / "f" / ".lock").exists()  # the stale lock went, and this run's lock too
         (root / "f" / name).write_bytes(good[name])
+
+
+@pytest.mark.parametrize("script", ["rearec", "stream_rec"])
+def test_a_failed_allocation_is_one_line(tmp_path, monkeypatch, script):
+    """Sizes that no machine can hold end with one line naming the flags to lower, not a traceback."""
+    def too_big(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough "
+                           "memory: you tried to allocate 25600000000 bytes.")
+    monkeypatch.setattr(data, "load_dataset", too_big)
+    with pytest.raises(SystemExit) as e:
+        (rearec if script == "rearec" else sr).main(["--out", str(tmp_path / "run")])
+    assert one_line_error(e, "out of memory (23.8 GiB asked for); lower --batch-size")
+    assert not (tmp_path / "run" / ".lock").exists()
 
 
 @pytest.mark.parametrize("stage, flags", [("base", ["--stages", "base", "--epochs", "2"]),
