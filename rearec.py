@@ -1008,8 +1008,13 @@ def train(cfg, model, ds, device):
     except KeyboardInterrupt:
         # Tell the truth about last.pt: this run's epoch, the epoch it resumed from, or not ours.
         if saved["epoch"] == 0:
-            held = (f"{last_path} is untouched (it belongs to the run that was in --out)"
-                    if os.path.exists(last_path) else "nothing was saved")
+            held = "nothing was saved"
+            if os.path.exists(last_path):  # --overwrite: still the previous run's file
+                try:
+                    old = torch.load(last_path, map_location="cpu", weights_only=False)["state"]["epoch"]
+                    held = f"{last_path} is untouched: it still holds epoch {old} of the run that was in --out"
+                except Exception:  # damaged: say no more than we know
+                    held = f"{last_path} is untouched: it belongs to the run that was in --out"
             note = f"in epoch {epoch}, before this run finished an epoch; {held}"
         else:
             since = " (where this run resumed)" if saved["epoch"] == resumed_at else ""

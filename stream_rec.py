@@ -1472,17 +1472,20 @@ def main(argv=None) -> dict:
                 if diff:
                     saved = ", ".join(f"{k}={ck['config'].get(k)}" for k in diff)
                     raise RunError(f"--resume: {ckpt_path(cfg, key)} was trained with other "
-                                   f"settings ({saved}); pass the same flags, or rerun without --resume")
+                                   f"settings ({saved}); pass the same flags, or rerun it with --overwrite")
                 if ck["done"]:  # a stage interrupted mid-way continues from its last epoch (fit)
                     res[key] = ck["result"]
                     finished.append(key)
                     print(f"{key}: finished checkpoint found, skipped (--resume)")
                     continue
+                if not os.path.exists(last_path(cfg, key)):
+                    print(f"note: {key} did not finish and left no {last_path(cfg, key)}; it restarts "
+                          f"from its first epoch")
             print(f"--- {key} ---")
             for later in order[order.index(key) + 1:]:  # they started from the old `key` model
                 if later not in keys and res.pop(later, None) is not None:
                     print(f"note: {later}'s results dropped from results.json: it was trained "
-                          f"from the previous {key}; rerun --stages {later.replace('stage', '')}")
+                          f"from the previous {key}; rerun --stages {later.replace('stage', '')} --overwrite")
             set_seed(stage_seed(cfg, key))  # dropout etc.: same numbers whether run alone or not
             phase = f"while {key} was starting"
             res[key] = STAGE_FNS[key](cfg, ds, sids, device)

@@ -1060,7 +1060,7 @@ def test_rearec_ctrl_c_exits_130_tells_what_last_pt_holds_and_loses_nothing(tmp_
             rearec.main(tiny_rearec_args(tmp_path, "a", "--overwrite", "--epochs", "4"))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 130 and len(err) == 1 and "before this run finished an epoch" in err[0]
-    assert "last.pt is untouched" in err[0]
+    assert "last.pt is untouched: it still holds epoch 1 of the run that was in --out" in err[0]
     assert {f: (a / f).read_bytes() for f in before} == before and not (a / ".lock").exists()
     # Ctrl-C in epoch 2's validation: last.pt holds epoch 1, results.json says interrupted, and
     # --resume then gives exactly the uninterrupted run
