@@ -1167,23 +1167,25 @@ def run(cfg, device):
     os.makedirs(cfg.out, exist_ok=True)
     model = ReaRec(cfg).to(device)
     print(f"{cfg.method} | K={cfg.steps} | {sum(p.numel() for p in model.parameters()):,} parameters")
+    info = None
     try:
         info = train(cfg, model, ds, device)
         if info["interrupted"] and info["epoch"] == 0:  # no finished epoch: nothing to report
             raise KeyboardInterrupt(info["note"] + "; no results.json written")
-        try:
-            if info["best_epoch"] > 0:  # reload the best validation checkpoint of THIS run
-                model.load_state_dict(load_checkpoint(info["best_path"], device, ("model",))["model"])
-            t0 = time.time()
-            valid = evaluate(model, ds.valid, cfg, device, analysis=True)
-            test = evaluate(model, ds.test, cfg, device, analysis=True)
-            eval_seconds = time.time() - t0
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"during the final evaluation, results.json left as it was; "
-                                    f"{os.path.join(cfg.out, 'last.pt')} holds epoch {info['epoch']}: --resume "
-                                    f"continues (with --epochs {info['epoch']} it only evaluates)") from None
+        if info["best_epoch"] > 0:  # reload the best validation checkpoint of THIS run
+            model.load_state_dict(load_checkpoint(info["best_path"], device, ("model",))["model"])
+        t0 = time.time()
+        valid = evaluate(model, ds.valid, cfg, device, analysis=True)
+        test = evaluate(model, ds.test, cfg, device, analysis=True)
+        eval_seconds = time.time() - t0
     except (NonFiniteLoss, data.DataError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:
+        if str(e) or info is None:  # train()'s own note, or before training: main() words it
+            raise
+        raise KeyboardInterrupt(f"during the final evaluation, results.json left as it was; "
+                                f"{os.path.join(cfg.out, 'last.pt')} holds epoch {info['epoch']}: --resume "
+                                f"continues (with --epochs {info['epoch']} it only evaluates)") from None
     steps = {k: v for k, v in test.items() if k.startswith("step")}
     results = {"config": dataclasses.asdict(cfg), "dataset": ds.stats, "valid": valid["main"],
                "test": test["main"], "per_step": steps, "oracle": test["oracle"],

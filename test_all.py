@@ -1075,6 +1075,12 @@ def test_rearec_ctrl_c_exits_130_tells_what_last_pt_holds_and_loses_nothing(tmp_
     resumed = rearec.main(tiny_rearec_args(tmp_path, "b", "--epochs", "2", "--resume"))
     straight = rearec.main(tiny_rearec_args(tmp_path, "c", "--epochs", "2"))
     assert resumed["test"] == straight["test"] and resumed["interrupted"] is False
+    with monkeypatch.context() as m:  # Ctrl-C while --resume reads last.pt: nothing written
+        m.setattr(rearec, "load_checkpoint", interrupt_on_call(1, rearec.load_checkpoint))
+        with pytest.raises(SystemExit) as e:
+            rearec.main(tiny_rearec_args(tmp_path, "b", "--epochs", "3", "--resume"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1 and "before this run wrote anything" in err[0], err
     # Ctrl-C while loading the data, and during the final evaluation
     for name, real, phrase in [("load_dataset", data.load_dataset, "before this run wrote anything"),
                                ("evaluate", rearec.evaluate, "during the final evaluation")]:
