@@ -1178,14 +1178,14 @@ def run(cfg, device):
         valid = evaluate(model, ds.valid, cfg, device, analysis=True)
         test = evaluate(model, ds.test, cfg, device, analysis=True)
         eval_seconds = time.time() - t0
-    except (NonFiniteLoss, data.DataError) as e:
-        sys.exit(f"error: {e}")
     except KeyboardInterrupt as e:
         if str(e) or info is None:  # train()'s own note, or before training: main() words it
             raise
         raise KeyboardInterrupt(f"during the final evaluation, results.json left as it was; "
                                 f"{os.path.join(cfg.out, 'last.pt')} holds epoch {info['epoch']}: --resume "
                                 f"continues (with --epochs {info['epoch']} it only evaluates)") from None
+    except (NonFiniteLoss, data.DataError) as e:
+        sys.exit(f"error: {e}")
     steps = {k: v for k, v in test.items() if k.startswith("step")}
     results = {"config": dataclasses.asdict(cfg), "dataset": ds.stats, "valid": valid["main"],
                "test": test["main"], "per_step": steps, "oracle": test["oracle"],
