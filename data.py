@@ -165,15 +165,16 @@ def download(urls, dest, md5=None, quiet=False):
 
     The bytes go to `dest + '.part'` and are renamed only after the size (Content-Length) and the
     content (md5 / zip CRC / gzip stream) check out, so `dest` is never half-written. A corrupt
-    cached copy is fetched again. Offline, the error says where to put the file by hand.
+    cached copy is fetched again; it stays in place until the verified copy replaces it.
+    Offline, the error says where to put the file by hand.
     """
     urls = [urls] if isinstance(urls, str) else list(urls)
+    corrupt = None
     if os.path.exists(dest):
-        why = _check_file(dest, md5)
-        if why is None:
+        corrupt = _check_file(dest, md5)
+        if corrupt is None:
             return dest
-        print(f"cached {dest} is corrupt ({why}); downloading it again", file=sys.stderr)
-        os.remove(dest)
+        print(f"cached {dest} is corrupt ({corrupt}); downloading it again", file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     tmp, errors = dest + ".part", []
     for url in urls:
@@ -191,8 +192,11 @@ def download(urls, dest, md5=None, quiet=False):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    raise DataError(f"could not download {os.path.basename(dest)} ({'; '.join(errors)}). If this "
-                    f"machine is offline, fetch {urls[0]} elsewhere and place it at {dest}")
+    cached = f"; the cached copy is corrupt ({corrupt})" if corrupt else ""
+    err = DataError(f"could not download {os.path.basename(dest)} ({'; '.join(errors)}{cached}). If "
+                    f"this machine is offline, fetch {urls[0]} elsewhere and place it at {dest}")
+    err.reason = "; ".join(errors)  # for _download_all's one message about several files
+    raise err
 
 
 def _fetch(url, tmp, quiet):
@@ -289,9 +293,25 @@ def _numeric_table(text, sep, ncols, path):
 
 
 def _parse_sasrec(text, path):
-    """SASRec / BERT4Rec `user item` per line, already in chronological order."""
-    t = _numeric_table(text, " ", 2, path).astype(np.int64)
-    return _columns(t[:, 0], t[:, 1])
+    """SASRec / BERT4Rec `user item` per line, already in chronological order. Integer ids take
+    the fast path; other ids (e.g. Amazon user ids and ASINs) are read as strings, as the other
+    layouts read them."""
+    try:
+        t = _numeric_table(text, " ", 2, path).astype(np.int64)
+        return _columns(t[:, 0], t[:, 1])
+    except DataError:  # not all numeric: read the ids as text, still naming a malformed line
+        pass
+    users, items = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2:
+            raise DataError(f"{path}, line {n}: malformed line {line[:80]!r} (expected 2 fields, "
+                            f"got {len(parts)})")
+        users.append(parts[0])
+        items.append(parts[1])
+    return _columns(users, items)
 
 
 def _parse_user_lists(text, path):
@@ -345,6 +365,8 @@ def _parse_table(text, path, delim):
                 stamp.append(int(float(row[ct])))
         except (IndexError, ValueError) as e:
             raise DataError(f"{path}, line {n}: malformed row {delim.join(row)[:80]!r} ({e})") from None
+    if not user:
+        raise DataError(f"{path} has a header but no rows; add the interactions below the header")
     return _columns(user, item, rating if cr is not None else None, stamp if ct is not None else None)
 
 
@@ -643,6 +665,8 @@ def build_dataset(cols, name, titles=None, **overrides):
     opts.update({k: v for k, v in overrides.items() if v is not None})
     if opts["kcore_mode"] not in ("once", "iterative"):
         raise DataError(f"--kcore-mode must be 'once' or 'iterative', not {opts['kcore_mode']!r}")
+    if (opts["kcore"] or 0) < 0:
+        raise DataError(f"--kcore must be >= 0 (0 = off), not {opts['kcore']}")
     uc, ic, t, user_ids, item_ids = _preprocess(cols, opts, name)
     if opts["split"] == "loo":
         rows = _leave_one_out(uc, ic)
@@ -715,7 +739,7 @@ def load_dataset(name="synthetic", data_dir="data", *, meta=None, verbose=True, 
         cols = parse_file(path)
     else:
         files, meta_src, kind = _sources(name)
-        paths = [download(urls, os.path.join(data_dir, f), md5) for f, urls, md5 in files]
+        paths = _download_all(files, data_dir)
         cols = _concat([_load_local(p) for p in paths])
         if name in MOVIELENS:
             titles = _zip_meta(paths[0])
@@ -731,6 +755,24 @@ def load_dataset(name="synthetic", data_dir="data", *, meta=None, verbose=True, 
               f"split {s['split']}: {s['train_interactions']} train items, "
               f"{s['valid_cases']} valid / {s['test_cases']} test cases")
     return ds
+
+
+def _download_all(files, data_dir):
+    """download() every [(filename, urls, md5)]; if some fail, ONE error names all of them
+    (amazon2023-<Cat>-time has three files: an offline user needs the whole list at once)."""
+    paths, failed = [], []
+    for f, urls, md5 in files:
+        try:
+            paths.append(download(urls, os.path.join(data_dir, f), md5))
+        except DataError as e:
+            failed.append((f, urls[0], e))
+    if len(failed) == 1:
+        raise failed[0][2]
+    if failed:
+        raise DataError(f"could not download {len(failed)} files: {', '.join(f for f, _, _ in failed)} "
+                        f"({getattr(failed[0][2], 'reason', failed[0][2])}). If this machine is offline, "
+                        f"fetch {', '.join(u for _, u, _ in failed)} elsewhere and place them in {data_dir}")
+    return paths
 
 
 ZIP_MEMBERS = {"ratings.dat": "movies.dat", "u.data": "u.item", "ratings.csv": "movies.csv"}

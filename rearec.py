@@ -40,6 +40,8 @@ Shapes: B batch, L history window, P reasoning chains per row (L when training e
     1 at inference), K steps, D hidden, H heads, N items (+1 PAD column at index 0).
 """
 import argparse
+import atexit
+import copy
 import ctypes
 import dataclasses
 import gc
@@ -50,6 +52,7 @@ import os
 import random
 import re
 import resource
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -88,7 +91,7 @@ class Config:
     emb_dropout: float = 0.2  # dropout on every input token (official: hard-coded 0.2)
     tau: float = 0.07  # softmax temperature of every CE and of the InfoNCE (official: temperature)
     # ERL (paper §3.2)
-    kl_weight: float = 0.05  # lambda (official default; paper grid 0.001-0.1, safer <= 0.01)
+    kl_weight: float = 0.05  # lambda (official default; paper grid 0.001-0.1, safer <= 0.01); at most 1: above, maximising the KL outweighs the CE
     kl_stopgrad: bool = True  # stop-gradient on log p_i in KL(p_j || p_i) (official code)
     # PRL (paper §3.3)
     alpha: float = 5.0  # temperature growth per step back (official: temp_scale)
@@ -103,7 +106,7 @@ class Config:
     prl_sum: bool = False  # paper's sums over steps (Official code: means, the default)
     # training
     epochs: int = 0  # maximum epochs; 0 = auto: 20 on the built-in synthetic data (a 1-3 min demo), else 200 (official: 300; early stopping ends runs long before)
-    patience: int = 10  # early stopping: epochs without a better validation score (official: 10)
+    patience: int = 10  # early stopping: epochs without a better validation score, >= 1 (official: 10)
     select_metric: str = "ndcg@20"  # validation metric for model selection (official: NDCG@20)
     select_step: str = "own"  # the view that recommends in the final evaluation: own (ERL: mean, else r_K) | auto (best on validation) | stepK | entropy | mean | halt0.5 | halt0.8 | learned | learned-mix
     batch_size: int = 64  # users per batch; every position of a user is a target (ML-1M: ~7,000 per step; official: 2,048 rows). 64, not SASRec's 128: K=2 triples the tokens, and ML-1M at L=200 stays under 3 GB
@@ -118,13 +121,15 @@ class Config:
     dtype: str = "float32"  # float32 | bfloat16: on CUDA autocast of the whole model; on a CPU with native bf16, the output-layer matmuls only
     threads: int = 0  # CPU threads for torch, 0 = torch's default (use 1 when several runs share a CPU)
     seed: int = 0  # official: 0
-    out: str = "runs/rearec"  # checkpoints, log and results.json
-    resume: bool = False  # continue from out/last.pt
+    out: str = "runs/rearec"  # checkpoints and results.json; a folder holding another run is refused unless --resume or --overwrite; locked (out/.lock) while a run uses it
+    resume: bool = False  # continue the run in --out from out/last.pt
+    overwrite: bool = False  # start a new run in an --out that holds another one (its files are replaced once this run finishes its first epoch)
     benchmark: bool = False  # measure speed and memory (K=0 vs K=2) instead of training
     n_items: int = 0  # (derived at runtime)
 
 
 METHODS = ("base", "naive", "rpe", "erl", "prl")
+MAX_LEN = 10_000  # --max-len cap: 50x SASRec's 200; position tables and (B, L) windows grow with L
 
 
 def field_help():
@@ -154,16 +159,34 @@ def parse_args(argv=None):
             p.add_argument(*flags, dest=f.name, default=f.default, type=kind, metavar=f.name.upper(),
                            help=text)
     cfg = Config(**vars(p.parse_args(argv)))
+    for f in dataclasses.fields(cfg):  # nan and inf pass the comparisons below, then break training
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            sys.exit(f"error: --{f.name.replace('_', '-')} must be a finite number, not {v}")
     for ok, message in [
         (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}"),
         (cfg.backbone in ("sasrec", "bert4rec"), f"--backbone must be sasrec or bert4rec, not {cfg.backbone!r}"),
         (cfg.steps >= 0, f"--steps must be >= 0, not {cfg.steps}"),
-        (cfg.hidden > 0 and cfg.hidden % cfg.heads == 0, f"--hidden ({cfg.hidden}) must be a positive multiple of --heads ({cfg.heads})"),
+        (cfg.heads >= 1, f"--heads must be >= 1, not {cfg.heads}"),
+        (cfg.heads >= 1 and cfg.hidden > 0 and cfg.hidden % cfg.heads == 0, f"--hidden ({cfg.hidden}) must be a positive multiple of --heads ({cfg.heads})"),
         (cfg.layers >= 1 and cfg.ffn >= 1, "--layers and --ffn must be >= 1"),
         (0 <= cfg.dropout < 1 and 0 <= cfg.emb_dropout < 1, "dropouts must be in [0, 1)"),
         (cfg.tau > 0 and cfg.alpha > 0, "--tau and --alpha must be > 0"),
         (cfg.noise >= 0 and cfg.kl_weight >= 0, "--noise and --kl-weight must be >= 0"),
+        (cfg.kl_weight <= 1, f"--kl-weight must be <= 1, not {cfg.kl_weight}: ERL subtracts lambda * KL from the loss, and above 1 "
+                             f"pushing the steps apart outweighs the CE (paper grid 0.001-0.1)"),
+        (min(cfg.pl_weight, cfg.cl_weight, cfg.cl_tau) >= 0, "--pl-weight, --cl-weight and --cl-tau must be >= 0 (--cl-tau 0 = --tau)"),
+        (cfg.cl_anchors >= 1, f"--cl-anchors must be >= 1, not {cfg.cl_anchors}"),
+        (cfg.warmup >= 0 and cfg.warmup_steps >= -1, "--warmup must be >= 0 and --warmup-steps >= -1 (-1 = count --warmup epochs)"),
         (cfg.max_len >= 0 and cfg.epochs >= 0 and cfg.batch_size > 0 and cfg.lr > 0, "--max-len, --epochs must be >= 0; --batch-size, --lr > 0"),
+        (cfg.max_len <= MAX_LEN, f"--max-len must be 0 (auto) to {MAX_LEN} items, not {cfg.max_len}"),
+        (cfg.patience >= 1, f"--patience must be >= 1, not {cfg.patience}: early stopping would end the run before its first epoch"),
+        (cfg.bucket >= 0, f"--bucket must be >= 0 (0 = off), not {cfg.bucket}: a negative pool gives no training batches"),
+        (cfg.weight_decay >= 0 and cfg.grad_clip >= 0, "--weight-decay and --grad-clip must be >= 0 (0 = off)"),
+        (cfg.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, not {cfg.eval_batch_size}"),
+        (0 <= cfg.seed < 2**32, f"--seed must be in 0..2^32-1 (numpy's seed range), not {cfg.seed}"),
+        (cfg.kcore is None or cfg.kcore >= 0, f"--kcore must be >= 0 (0 = off), not {cfg.kcore}"),
+        (not (cfg.resume and cfg.overwrite), "--resume continues the run in --out and --overwrite replaces it; pass one of them"),
         (cfg.dtype in ("float32", "bfloat16"), f"--dtype must be float32 or bfloat16, not {cfg.dtype!r}"),
         (cfg.threads >= 0, f"--threads must be >= 0, not {cfg.threads}"),
         (cfg.loss_chunk >= -1, f"--loss-chunk must be -1 (auto), 0 (all at once) or a row count, not {cfg.loss_chunk}"),
@@ -222,8 +245,136 @@ def cpu_has_bf16():
 def save_atomic(obj, path):
     """torch.save to a temp file, then rename: a crash never leaves a half-written file."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except BaseException:  # Ctrl-C or a full disk mid-write: drop the partial temp file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
+
+
+def load_checkpoint(path, device, keys):
+    """torch.load of one of this script's checkpoints; a damaged file (truncated by a full disk or
+    a kill, overwritten, random bytes) is one line, not an unpickling traceback. keys: the entries
+    the checkpoint must have."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        ok = all(k in ck for k in keys)
+    except Exception:  # torch.load raises many types here: UnpicklingError, RuntimeError, EOFError...
+        ok = False
+    if not ok:
+        sys.exit(f"error: {path} is corrupt or incomplete; delete it or use a new --out")
+    return ck
+
+
+# -----------------------------------------------------------------------------
+# The run folder --out: checked before any work, locked while a run uses it (BOILERPLATE; the same
+# helpers are in stream_rec.py, duplicated on purpose so this file stands alone)
+# -----------------------------------------------------------------------------
+RUN_FILES = ("last.pt", "best.pt", "results.json")  # a folder holding one of these holds a run
+
+
+def check_out(cfg):
+    """Before any work: --out is a folder (or does not exist yet), and a new run does not replace
+    the run already in it unless --overwrite says so (--resume continues that run instead)."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        sys.exit(f"error: --out {cfg.out} is a file, not a folder; pass a folder path")
+    if cfg.benchmark:  # writes benchmark.json only, beside whatever the folder holds
+        return
+    last = os.path.join(cfg.out, "last.pt")
+    if cfg.resume and not os.path.exists(last):
+        sys.exit(f"error: --resume: no checkpoint at {last}; run once without --resume")
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
+    if found and not (cfg.resume or cfg.overwrite):
+        sys.exit(f"error: {cfg.out} holds another run ({', '.join(found)}); continue it with --resume, "
+                 f"replace it with --overwrite, or use a new --out")
+
+
+def lock_owner(lock):
+    """The pid (text) of the live run that holds `lock`, or None if that run no longer exists."""
+    try:
+        with open(lock) as f:
+            pid, host = f.read().split()
+        pid = int(pid)
+    except FileNotFoundError:  # released meanwhile
+        return None
+    except (OSError, ValueError):  # empty or garbled: a run killed as it wrote it, unless just made
+        try:
+            return "unknown, just started" if time.time() - os.path.getmtime(lock) < 10 else None
+        except OSError:
+            return None
+    if host != socket.gethostname() or os.name == "nt":
+        return f"{pid} on {host}"  # no cheap check of another machine's (or Windows') processes
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # it exists, under another user
+        pass
+    return str(pid)
+
+
+def lock_out(out):
+    """Create --out and lock it for this run: out/.lock holds "pid host" and is created atomically
+    (O_EXCL), so a second run into the folder stops with one line instead of mixing its files in.
+    A lock whose run is gone (SIGKILL, a crash) is stale: removed, with a notice. Returns the lock
+    path; main() releases it on every way out (finally; atexit as a backstop)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot create --out {out} ({e.strerror}); pick a folder you can write to")
+    lock = os.path.join(out, ".lock")
+    for _ in range(3):  # a retry follows the removal of a stale lock
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = lock_owner(lock)
+            if owner is not None:
+                sys.exit(f"error: {out} is in use by another run (pid {owner}); wait for it or use "
+                         f"another --out (if no run uses it, delete {lock})")
+            print(f"note: removed the stale lock {lock}: the run that made it no longer exists")
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            sys.exit(f"error: cannot write to --out {out} ({e.strerror}); pick a folder you can write to")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        atexit.register(release_lock, lock)
+        return lock
+    sys.exit(f"error: could not lock {out}: other runs keep taking it; use another --out")
+
+
+def release_lock(lock):
+    """Remove this process's lock (never one that another run holds); safe to call twice."""
+    try:
+        with open(lock) as f:
+            mine = f.read().split()[:1] == [str(os.getpid())]
+        if mine:
+            os.remove(lock)
+    except OSError:
+        pass
+
+
+def remove_old_run(out):
+    """--overwrite: the previous run's files go once this run has its first epoch to save (until
+    then an interrupted new run leaves the old one whole)."""
+    for f in RUN_FILES:
+        if os.path.exists(os.path.join(out, f)):
+            os.remove(os.path.join(out, f))
+
+
+def memory_error_line(e):
+    """One line for a failed allocation (sizes too large for this machine); None for other errors."""
+    text = str(e)
+    if not (isinstance(e, MemoryError) or re.search(r"out of memory|can't allocate|not enough memory", text, re.I)):
+        return None
+    asked = re.search(r"allocate (\d+) bytes", text)
+    what = f"{int(asked.group(1)) / 2**30:.1f} GiB asked for" if asked else text.strip().splitlines()[0][:120]
+    return f"out of memory ({what}); lower --batch-size, --eval-batch-size, --max-len or --hidden"
 
 
 # -----------------------------------------------------------------------------
@@ -769,7 +920,7 @@ def step_views(model, R, cfg, selector=None):
     logp, entropy, top1 = step_log_probs(R, E, cfg)
     views["entropy"] = pick(entropy.argmin(1))
     views["mean"] = F.pad(logp.mean(1), (1, 0))  # (B, N+1), PAD column (never ranked) 0
-    top = logp.topk(10, dim=-1).indices  # (B, K+1, 10)
+    top = logp.topk(min(10, logp.shape[-1]), dim=-1).indices  # (B, K+1, 10) (fewer items: all of them)
     overlap = (top[:, 1:, :, None] == top[:, :-1, None, :]).any(-1).float().mean(-1)  # (B, K): step k vs k-1
     for theta in HALT_THRESHOLDS:
         stable = overlap >= theta  # (B, K)
@@ -900,21 +1051,20 @@ class NonFiniteLoss(Exception):
 
 # Fields that may differ between a run and its --resume (everything else must match).
 RUN_ONLY = {"epochs", "patience", "resume", "device", "out", "benchmark", "eval_batch_size", "data_dir", "threads",
-            "loss_chunk", "select_step"}
+            "loss_chunk", "select_step", "overwrite"}
 
 
 def train(cfg, model, ds, device):
     """Train with early stopping on validation `select_metric`; keep best.pt and last.pt.
 
-    Returns a summary dict. Ctrl-C stops after saving; training continues with --resume.
+    Returns a summary dict. Ctrl-C stops training: the summary is then the one last.pt holds, with
+    interrupted=True and `note`, one line saying what last.pt holds; --resume continues from it.
     """
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_path, last_path = os.path.join(cfg.out, "best.pt"), os.path.join(cfg.out, "last.pt")
     state = dict(epoch=0, step=0, best=-1.0, best_epoch=0, bad_epochs=0, history=[], train_seconds=0.0)
-    if cfg.resume:
-        if not os.path.exists(last_path):
-            sys.exit(f"error: --resume: no checkpoint at {last_path}; run once without --resume")
-        ck = torch.load(last_path, map_location=device, weights_only=False)
+    if cfg.resume:  # check_out() made sure last.pt exists
+        ck = load_checkpoint(last_path, device, ("model", "optimizer", "config", "state", "rng"))
         defaults = {f.name: f.default for f in dataclasses.fields(Config)}  # fields newer than the checkpoint
         diff = {k: (ck["config"].get(k, defaults[k]), v) for k, v in dataclasses.asdict(cfg).items()
                 if k not in RUN_ONLY and ck["config"].get(k, defaults[k]) != v}
@@ -926,9 +1076,13 @@ def train(cfg, model, ds, device):
         torch.set_rng_state(ck["rng"])
         state = ck["state"]
         state.setdefault("step", state["epoch"] * math.ceil(len(ds.train) / cfg.batch_size))  # older checkpoints
+        if state["best_epoch"] > 0:  # checked now, not after the epochs it would waste
+            load_checkpoint(best_path, device, ("model",))
         print(f"resumed from {last_path} after epoch {state['epoch']}")
+    resumed_at = state["epoch"]  # 0 for a new run
     n_rows = int((ds.train.lengths() >= 2).sum())
-    interrupted = False
+    saved = copy.deepcopy(state)  # what last.pt holds for this run (epoch 0: nothing yet)
+    epoch = state["epoch"] + 1
     try:
         while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
             epoch = state["epoch"] + 1
@@ -962,6 +1116,8 @@ def train(cfg, model, ds, device):
             eval_time = time.time() - t1
             score = valid[cfg.select_metric]
             state["epoch"], state["train_seconds"] = epoch, state["train_seconds"] + train_time
+            if epoch == 1:  # a new run (--overwrite): the old run's files go now, not before
+                remove_old_run(cfg.out)
             if score > state["best"]:
                 state.update(best=score, best_epoch=epoch, bad_epochs=0)
                 save_atomic({"model": model.state_dict(), "config": dataclasses.asdict(cfg),
@@ -974,6 +1130,7 @@ def train(cfg, model, ds, device):
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "config": dataclasses.asdict(cfg), "state": state,
                          "rng": torch.get_rng_state()}, last_path)
+            saved = copy.deepcopy(state)
             eta = (cfg.epochs - epoch) * (state["train_seconds"] + eval_time * epoch) / epoch
             terms_txt = " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "loss")
             print(f"ep {epoch:3d} | loss {losses.get('loss', 0):.4f} ({terms_txt}) | valid {fmt(valid)} | "
@@ -982,9 +1139,22 @@ def train(cfg, model, ds, device):
                   f"{state['best_epoch']}{' *' if state['bad_epochs'] == 0 else ''} | eta <= {eta / 60:.1f} min",
                   flush=True)
     except KeyboardInterrupt:
-        interrupted = True
-        print(f"\ninterrupted after epoch {state['epoch']}: {last_path} holds it; continue with --resume")
-    return state | {"interrupted": interrupted, "best_path": best_path}
+        # Tell the truth about last.pt: this run's epoch, the epoch it resumed from, or not ours.
+        if saved["epoch"] == 0:
+            held = "nothing was saved"
+            if os.path.exists(last_path):  # --overwrite: still the previous run's file
+                try:
+                    old = torch.load(last_path, map_location="cpu", weights_only=False)["state"]["epoch"]
+                    held = f"{last_path} is untouched: it still holds epoch {old} of the run that was in --out"
+                except Exception:  # damaged: say no more than we know
+                    held = f"{last_path} is untouched: it belongs to the run that was in --out"
+            note = f"in epoch {epoch}, before this run finished an epoch; {held}"
+        else:
+            since = " (where this run resumed)" if saved["epoch"] == resumed_at else ""
+            note = (f"in epoch {epoch}; {last_path} holds epoch {saved['epoch']}{since}: continue with "
+                    f"--resume (with --epochs {saved['epoch']} it only evaluates)")
+        return saved | {"interrupted": True, "note": note, "best_path": best_path}
+    return state | {"interrupted": False, "best_path": best_path}
 
 
 # -----------------------------------------------------------------------------
@@ -1121,12 +1291,32 @@ def print_analysis(res):
 # Main
 # -----------------------------------------------------------------------------
 def main(argv=None):
+    """Check the flags and --out, lock --out, run. Ctrl-C at any point: one line saying what is
+    saved, and exit code 130 (128 + SIGINT, what a shell reports for Ctrl-C)."""
     cfg = parse_args(argv)
     device = pick_device(cfg.device)
     if cfg.dtype == "bfloat16" and not (torch.cuda.is_bf16_supported() if device.type == "cuda"
                                         else device.type == "cpu" and cpu_has_bf16()):
         sys.exit(f"error: --dtype bfloat16 needs a CUDA GPU with bf16 or a CPU with native bf16 "
                  f"(AVX512-BF16 or AMX); this {device.type} has none, use --dtype float32")
+    check_out(cfg)
+    lock = lock_out(cfg.out)
+    try:
+        return run(cfg, device)
+    except KeyboardInterrupt as e:
+        print(f"interrupted {str(e) or f'before this run wrote anything to {cfg.out}'}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except (RuntimeError, MemoryError) as e:
+        line = memory_error_line(e)
+        if line is None:
+            raise
+        sys.exit(f"error: {line}")
+    finally:
+        release_lock(lock)
+
+
+def run(cfg, device):
+    """Data, model, training (or --benchmark), evaluation of the best checkpoint, results.json."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
@@ -1155,16 +1345,25 @@ def main(argv=None):
     os.makedirs(cfg.out, exist_ok=True)
     model = ReaRec(cfg).to(device)
     print(f"{cfg.method} | K={cfg.steps} | {sum(p.numel() for p in model.parameters()):,} parameters")
+    info = None
     try:
         info = train(cfg, model, ds, device)
+        if info["interrupted"] and info["epoch"] == 0:  # no finished epoch: nothing to report
+            raise KeyboardInterrupt(info["note"] + "; no results.json written")
         if info["best_epoch"] > 0:  # reload the best validation checkpoint of THIS run
-            model.load_state_dict(torch.load(info["best_path"], map_location=device, weights_only=False)["model"])
+            model.load_state_dict(load_checkpoint(info["best_path"], device, ("model",))["model"])
         t0 = time.time()
         selector = fit_selector(model, ds, cfg, device) if cfg.steps > 0 else None
         valid = evaluate(model, ds.valid, cfg, device, analysis=True, selector=selector)
         test = evaluate(model, ds.test, cfg, device, analysis=True, selector=selector,
                         groups=data.case_groups(ds.test, ds.train))
         eval_seconds = time.time() - t0
+    except KeyboardInterrupt as e:
+        if str(e) or info is None:  # train()'s own note, or before training: main() words it
+            raise
+        raise KeyboardInterrupt(f"during the final evaluation, results.json left as it was; "
+                                f"{os.path.join(cfg.out, 'last.pt')} holds epoch {info['epoch']}: --resume "
+                                f"continues (with --epochs {info['epoch']} it only evaluates)") from None
     except (NonFiniteLoss, data.DataError) as e:
         sys.exit(f"error: {e}")
     view = recommend_view(valid, cfg)
@@ -1182,6 +1381,8 @@ def main(argv=None):
         json.dump(results, f, indent=1)
     os.replace(path + ".tmp", path)
     print(f"wrote {path}")
+    if info["interrupted"]:  # results.json holds the best epoch so far, marked "interrupted": true
+        raise KeyboardInterrupt(info["note"] + f"; {path} has its best epoch's metrics, marked interrupted")
     return results
 
 

@@ -31,8 +31,8 @@ Omits: the pretrained text encoder and the RQ-VAE (no downloads offline: TF-IDF/
 Run
     python stream_rec.py                                  # synthetic data, all stages, CPU, minutes
     python stream_rec.py --stages base,1 --trace-len 6    # some stages only (paper order)
-    python stream_rec.py --stages 3 --out runs/stream_rec # rerun stage 3 from the saved stage 2
-    python stream_rec.py --resume                         # skip the stages already finished
+    python stream_rec.py --stages 3 --overwrite           # rerun stage 3 from the saved stage 2
+    python stream_rec.py --resume                         # skip finished stages, continue an interrupted one
     python stream_rec.py --stages 3 --eval-only --trace-decode greedy   # re-evaluate a stage
     python stream_rec.py --dataset ml-1m --data-dir DIR --epochs 5 --max-examples 100000
     python stream_rec.py --benchmark --dataset ml-1m --data-dir DIR    # timings, peak memory
@@ -56,6 +56,7 @@ Shapes: B histories, L = max_len history items, M SID tokens per item, S = L*M e
     rollouts, candidates), D = d_model, V vocabulary, N items, F item-feature dimension.
 """
 import argparse
+import atexit
 import copy
 import dataclasses
 import inspect
@@ -64,6 +65,7 @@ import math
 import os
 import random
 import re
+import socket
 import sys
 import time
 import types
@@ -80,6 +82,8 @@ import data
 # Token ids: PAD pads histories, BOS starts the decoder, EOS ends an output; codes come after.
 PAD_TOK, BOS, EOS, FIRST_CODE = 0, 1, 2, 3
 STAGES = {"base": "base", "1": "stage1", "2": "stage2", "3": "stage3"}  # flag value -> result key
+MAX_ENCODER_TOKENS = 1024  # --max-len x (--levels + 1) cap: encoder attention memory grows with its square
+CHEAP_WIDTH = 100  # beams and ranking negatives up to this are allowed on any data; wider: at most N items
 
 
 class RunError(Exception):
@@ -122,7 +126,7 @@ class Config:
     max_examples: int = 8192  # examples per epoch, a fresh random subset each epoch; 0 = all
     lr: float = 1e-3  # AdamW learning rate of base and stage 1 (MTGRec ft config: 1e-3)
     weight_decay: float = 0.05  # AdamW weight decay (MTGRec: 0.05)
-    grad_clip: float = 1.0  # max gradient norm
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
     patience: int = 3  # early stop after this many epochs without a better valid metric; 0 = off
     select: str = "ndcg@10"  # validation metric that selects checkpoints (Spec §3.3: NDCG@10)
     # stage 2: annotation + SFT (Spec §4)
@@ -161,8 +165,9 @@ class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:i | mps
     seed: int = 0  # seeds everything; each stage also derives its own streams from it
     threads: int = 0  # CPU threads for torch; 0 = torch's default (1 is faster on a busy machine)
-    out: str = "runs/stream_rec"  # folder of checkpoints and results.json
-    resume: bool = False  # skip stages whose finished checkpoint is already in --out
+    out: str = "runs/stream_rec"  # folder of checkpoints and results.json; locked (out/.lock) while a run uses it
+    resume: bool = False  # skip stages whose finished checkpoint is already in --out; continue an interrupted one from its last finished epoch
+    overwrite: bool = False  # rerun stages that already have a checkpoint in --out (without it, or --resume, that is refused)
     eval_only: bool = False  # only evaluate the saved checkpoints of --stages; writes DIR/eval.json
     benchmark: bool = False  # time each stage's steps and the decoding instead of training
     benchmark_steps: int = 20  # training steps timed per stage by --benchmark
@@ -196,11 +201,17 @@ def parse_args(argv=None) -> Config:
     return check_config(Config(**vars(p.parse_args(argv))))
 
 
-def check_config(cfg):
-    """Refuse bad values with one line that names the flag and the fix."""
+def check_config(cfg, ds=None):
+    """Refuse bad values with one line that names the flag and the fix. Every numeric flag is
+    checked here: at parsing, and once more with the dataset `ds` (the limits it sets: beams and
+    ranking negatives cannot use more items than it has)."""
     def need(ok, msg):
         if not ok:
             raise RunError(msg)
+    for f in fields(cfg):  # nan and inf pass the comparisons below, then break training
+        v = getattr(cfg, f.name)
+        need(not isinstance(v, float) or math.isfinite(v),
+             f"--{f.name.replace('_', '-')} must be a finite number (got {v})")
     need(cfg.trace_len >= 0, f"--trace-len must be >= 0 (got {cfg.trace_len})")
     for name in ("levels", "max_len", "feature_dim", "d_model", "n_heads", "d_ff", "enc_layers",
                  "dec_layers", "epochs", "rl_epochs", "batch_size", "rl_batch", "beam_valid", "beam_test",
@@ -236,6 +247,29 @@ def check_config(cfg):
     names = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     bad = [s for s in names if s not in STAGES]
     need(names and not bad, f"--stages takes a comma list of base,1,2,3 (got {cfg.stages!r})")
+    need(0 <= cfg.seed < 2**32, f"--seed must be in 0..2^32-1, numpy's seed range (got {cfg.seed})")
+    need(cfg.kcore is None or cfg.kcore >= 0, f"--kcore must be >= 0, 0 = off (got {cfg.kcore})")
+    tokens = cfg.max_len * (cfg.levels + 1)
+    need(tokens <= MAX_ENCODER_TOKENS, f"--max-len {cfg.max_len} x {cfg.levels + 1} SID tokens = {tokens} "
+         f"encoder tokens, more than {MAX_ENCODER_TOKENS}: attention memory grows with their square; "
+         f"lower --max-len (TIGER: 20) or --levels")
+    rewards = ("w_format", "w_match", "w_sim", "w_lik", "w_rank")
+    for name in rewards:
+        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, 0 = off (got "
+             f"{getattr(cfg, name)}): a negative weight rewards the opposite")
+    need("3" not in names or any(getattr(cfg, n) for n in rewards), "stage 3 needs a reward: "
+         "--w-format, --w-match, --w-sim, --w-lik and --w-rank are all 0, so GRPO would train nothing")
+    need(not (cfg.resume and cfg.overwrite), "--resume continues the stages in --out and --overwrite "
+         "reruns them; pass one of them")
+    if ds is not None:  # Note: a ranked list holds at most N items; memory grows with the width
+        for name in ("beam_valid", "beam_test"):  # widths up to CHEAP_WIDTH are fine on any data
+            limit = max(ds.n_items, CHEAP_WIDTH)
+            need(getattr(cfg, name) <= limit, f"--{name.replace('_', '-')} {getattr(cfg, name)} is wider "
+                 f"than the {ds.n_items} items of {ds.name}: beams of one item are merged, so a list never "
+                 f"holds more; use at most {limit} (MTGRec: 20 valid, 50 test)")
+        limit = max(ds.n_items - 1, CHEAP_WIDTH)
+        need(cfg.rank_negs <= limit or not cfg.w_rank, f"--rank-negs {cfg.rank_negs} needs that many "
+             f"other items, but {ds.name} has {ds.n_items}; use at most {limit}")
     return cfg
 
 
@@ -278,12 +312,131 @@ def stage_seed(cfg, key):
 def save_atomic(obj, path):
     """Write to a temporary file, then rename: a crash or Ctrl-C never leaves half a file."""
     tmp = path + ".tmp"
-    if path.endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    else:
-        torch.save(obj, tmp)
+    try:
+        if path.endswith(".json"):
+            with open(tmp, "w") as f:
+                json.dump(obj, f, indent=1)
+        else:
+            torch.save(obj, tmp)
+    except BaseException:  # Ctrl-C or a full disk mid-write: drop the partial temp file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
+
+
+def load_file(path, keys=()):
+    """A checkpoint (torch, weights only) or results.json of this script; a damaged file (truncated
+    by a kill or a full disk, overwritten, random bytes) is one line, not a traceback. keys: the
+    entries it must have."""
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                obj = json.load(f)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        ok = isinstance(obj, dict) and all(k in obj for k in keys)
+    except Exception:  # torch.load and json raise many types here (UnpicklingError, RuntimeError...)
+        ok = False
+    if not ok:
+        raise RunError(f"{path} is corrupt or incomplete; delete it or use a new --out")
+    return obj
+
+
+def memory_error_line(e):
+    """One line for a failed allocation (sizes too large for this machine); None for other errors."""
+    text = str(e)
+    if not (isinstance(e, MemoryError) or re.search(r"out of memory|can't allocate|not enough memory", text, re.I)):
+        return None
+    asked = re.search(r"allocate (\d+) bytes", text)
+    what = f"{int(asked.group(1)) / 2**30:.1f} GiB asked for" if asked else text.strip().splitlines()[0][:120]
+    return (f"out of memory ({what}); lower --batch-size, --eval-batch, --beam-test, --rl-batch, "
+            f"--group-size or --d-model")
+
+
+# -----------------------------------------------------------------------------
+# The run folder --out: checked before any work, locked while a run uses it (BOILERPLATE; the same
+# helpers are in rearec.py, duplicated on purpose so this file stands alone)
+# -----------------------------------------------------------------------------
+def check_out(cfg, keys):
+    """Before any work: --out is a folder (or does not exist yet), and the stages to train do not
+    replace checkpoints already in it unless --overwrite says so (--resume continues them)."""
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise RunError(f"--out {cfg.out} is a file, not a folder; pass a folder path")
+    if cfg.eval_only or cfg.benchmark or cfg.resume or cfg.overwrite:
+        return
+    found = [f"{key}.pt" for key in keys if os.path.exists(ckpt_path(cfg, key))]
+    if found:
+        raise RunError(f"{cfg.out} already holds {', '.join(found)} from another run of these stages; "
+                       f"continue it with --resume, rerun the stages with --overwrite, or use a new --out")
+
+
+def lock_owner(lock):
+    """The pid (text) of the live run that holds `lock`, or None if that run no longer exists."""
+    try:
+        with open(lock) as f:
+            pid, host = f.read().split()
+        pid = int(pid)
+    except FileNotFoundError:  # released meanwhile
+        return None
+    except (OSError, ValueError):  # empty or garbled: a run killed as it wrote it, unless just made
+        try:
+            return "unknown, just started" if time.time() - os.path.getmtime(lock) < 10 else None
+        except OSError:
+            return None
+    if host != socket.gethostname() or os.name == "nt":
+        return f"{pid} on {host}"  # no cheap check of another machine's (or Windows') processes
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # it exists, under another user
+        pass
+    return str(pid)
+
+
+def lock_out(out):
+    """Create --out and lock it for this run: out/.lock holds "pid host" and is created atomically
+    (O_EXCL), so a second run into the folder stops with one line instead of mixing its files in.
+    A lock whose run is gone (SIGKILL, a crash) is stale: removed, with a notice. Returns the lock
+    path; main() releases it on every way out (finally; atexit as a backstop)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot create --out {out} ({e.strerror}); pick a folder you can write to")
+    lock = os.path.join(out, ".lock")
+    for _ in range(3):  # a retry follows the removal of a stale lock
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = lock_owner(lock)
+            if owner is not None:
+                raise RunError(f"{out} is in use by another run (pid {owner}); wait for it or use "
+                               f"another --out (if no run uses it, delete {lock})")
+            print(f"note: removed the stale lock {lock}: the run that made it no longer exists")
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            raise RunError(f"cannot write to --out {out} ({e.strerror}); pick a folder you can write to")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        atexit.register(release_lock, lock)
+        return lock
+    raise RunError(f"could not lock {out}: other runs keep taking it; use another --out")
+
+
+def release_lock(lock):
+    """Remove this process's lock (never one that another run holds); safe to call twice."""
+    try:
+        with open(lock) as f:
+            mine = f.read().split()[:1] == [str(os.getpid())]
+        if mine:
+            os.remove(lock)
+    except OSError:
+        pass
 
 
 def peak_rss_mib():
@@ -749,7 +902,8 @@ def update(model, opt, loss, cfg, stage):
                        f"or the loss weights")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    if cfg.grad_clip > 0:  # 0 = off (clipping to norm 0 would zero every gradient: no training)
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
 
 
@@ -774,7 +928,7 @@ def load_stage(cfg, key, sids, device, needed_by):
         flag = {v: k for k, v in STAGES.items()}[key]
         raise RunError(f"{needed_by} starts from the {key} checkpoint {path}, which does not exist; "
                        f"run --stages {flag} first with the same --out (or include it in --stages)")
-    ck = torch.load(path, map_location="cpu", weights_only=True)  # SIDs are compared on CPU
+    ck = load_file(path, ("model", "model_args", "config", "done", "semantic_ids"))  # on CPU, as the SIDs
     if not torch.equal(ck["semantic_ids"]["codes"], sids["codes"]):
         raise RunError(f"{path} was trained with other semantic IDs (different data, --features, "
                        f"--levels, --codebook-size or --seed); use the same flags or a new --out")
@@ -790,7 +944,8 @@ def load_stage(cfg, key, sids, device, needed_by):
     if not ck["done"] and needed_by not in ("--resume", "--eval-only"):
         flag = {v: k for k, v in STAGES.items()}[key]
         raise RunError(f"{path} holds a {key} run that did not finish (interrupted?), so "
-                       f"{needed_by} cannot start from it; rerun --stages {flag} with the same --out")
+                       f"{needed_by} cannot start from it; finish it with --stages {flag} --resume "
+                       f"(or rerun it with --overwrite), same --out")
     model = StreamRec(sids["codes"], **ck["model_args"]).to(device)
     model.load_state_dict(ck["model"])
     return model, ck
@@ -799,51 +954,94 @@ def load_stage(cfg, key, sids, device, needed_by):
 # Flags that may differ between a finished stage and a --resume of it: they do not change what
 # the stage trained (everything else must match, or the results would mix two settings).
 RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benchmark",
-            "benchmark_steps", "stages", "eval_batch"}
+            "benchmark_steps", "stages", "eval_batch", "overwrite"}
 
 
-def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_examples, bench_steps=0):
+def last_path(cfg, key):
+    return os.path.join(cfg.out, f"{key}_last.pt")
+
+
+def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_examples, bench_steps=0,
+        opt=None, rngs=()):
     """Run `step(hist, target, epoch) -> {term: value}` over shuffled (prefix -> next item)
-    batches; validate every epoch, keep the best checkpoint, test it once at the end."""
+    batches; validate every epoch, keep the best checkpoint, test it once at the end.
+
+    After every epoch out/<key>_last.pt holds what a --resume needs to continue the stage exactly
+    as if it had not stopped: weights, optimiser `opt`, the random streams (data order, `rngs` of
+    the stage, torch's global one) and the bookkeeping; it is removed once the stage finishes.
+    Ctrl-C: a KeyboardInterrupt whose text says which epoch that file holds."""
     gen = torch.Generator().manual_seed(stage_seed(cfg, key))  # this stage's data order
     best, best_state, best_epoch, bad, history, t_stage, speeds = None, None, 0, 0, [], time.time(), []
-    for epoch in range(1, epochs + 1):
-        sums, n, t0 = {}, 0, time.time()
-        for hist, target in data.train_batches(ds.train, cfg.max_len, batch_size, pairs=True,
-                                               device=device, generator=gen):
-            model.train()
-            for name, v in step(hist, target, epoch).items():
-                v = v.detach() if torch.is_tensor(v) else v
-                sums[name] = sums.get(name, 0.0) + float(v) * len(target)
-            n += len(target)
-            if bench_steps and n >= bench_steps * batch_size:  # --benchmark: time steps only
-                return dict(examples_per_s=round(n / (time.time() - t0), 1), steps=bench_steps)
-            if max_examples and n >= max_examples:  # Deviation: CPU budget, README records it
+    start, stopped = 1, False
+    if cfg.resume and os.path.exists(last_path(cfg, key)) and not bench_steps:
+        ck = load_file(last_path(cfg, key), ("model", "optimizer", "rngs", "rng", "config", "epoch", "fit"))
+        diff = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY and ck["config"].get(k) != v)
+        if diff:
+            saved = ", ".join(f"{k}={ck['config'].get(k)}" for k in diff)
+            raise RunError(f"--resume: {last_path(cfg, key)} was trained with other settings ({saved}); "
+                           f"pass the same flags, or rerun the stage with --overwrite")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        for g, state in zip([gen, *rngs], ck["rngs"]):
+            g.set_state(state)
+        torch.set_rng_state(ck["rng"])
+        best, best_state, best_epoch, bad, history, speeds, stopped = (ck["fit"][k] for k in (
+            "best", "best_state", "best_epoch", "bad", "history", "speeds", "stopped"))
+        start = ck["epoch"] + 1
+        print(f"{key}: resumed from {last_path(cfg, key)} after epoch {ck['epoch']}")
+    done_epoch, epoch = start - 1, start
+    try:
+        for epoch in range(start, epochs + 1):
+            if stopped:
                 break
-        speed = n / (time.time() - t0)
-        speeds.append(speed)
-        logs = {name: v / n for name, v in sums.items()}
-        valid = evaluate_split(cfg, model, ds.valid, cfg.beam_valid, device)
-        history.append(dict(epoch=epoch, train=logs, valid=valid, examples=n,
-                            examples_per_s=round(speed, 1), s=round(time.time() - t0, 1)))
-        terms = " ".join(f"{name} {v:.4f}" for name, v in logs.items() if name != "loss")
-        print(f"{key} ep {epoch}/{epochs} | loss {logs['loss']:.4f} ({terms}) | {n} ex, "
-              f"{speed:,.0f} ex/s | valid {fmt_metrics(valid)} | {time.time() - t0:.1f} s")
-        if best is None or valid[cfg.select] > best[cfg.select]:
-            best, best_epoch, bad = valid, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-            save_stage(cfg, key, model, sids, epoch, best, done=False)  # survives a crash
-        else:
-            bad += 1
-            if cfg.patience and bad >= cfg.patience:
+            sums, n, t0 = {}, 0, time.time()
+            for hist, target in data.train_batches(ds.train, cfg.max_len, batch_size, pairs=True,
+                                                   device=device, generator=gen):
+                model.train()
+                for name, v in step(hist, target, epoch).items():
+                    v = v.detach() if torch.is_tensor(v) else v
+                    sums[name] = sums.get(name, 0.0) + float(v) * len(target)
+                n += len(target)
+                if bench_steps and n >= bench_steps * batch_size:  # --benchmark: time steps only
+                    return dict(examples_per_s=round(n / (time.time() - t0), 1), steps=bench_steps)
+                if max_examples and n >= max_examples:  # Deviation: CPU budget, README records it
+                    break
+            speed = n / (time.time() - t0)
+            speeds.append(speed)
+            logs = {name: v / n for name, v in sums.items()}
+            valid = evaluate_split(cfg, model, ds.valid, cfg.beam_valid, device)
+            history.append(dict(epoch=epoch, train=logs, valid=valid, examples=n,
+                                examples_per_s=round(speed, 1), s=round(time.time() - t0, 1)))
+            terms = " ".join(f"{name} {v:.4f}" for name, v in logs.items() if name != "loss")
+            print(f"{key} ep {epoch}/{epochs} | loss {logs['loss']:.4f} ({terms}) | {n} ex, "
+                  f"{speed:,.0f} ex/s | valid {fmt_metrics(valid)} | {time.time() - t0:.1f} s")
+            if best is None or valid[cfg.select] > best[cfg.select]:
+                best, best_epoch, bad = valid, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+                save_stage(cfg, key, model, sids, epoch, best, done=False)  # survives a crash
+            else:
+                bad += 1
+                stopped = bool(cfg.patience and bad >= cfg.patience)
+            # BOILERPLATE: everything a --resume needs to continue after this epoch
+            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=dataclasses.asdict(cfg),
+                             rngs=[g.get_state() for g in [gen, *rngs]], rng=torch.get_rng_state(), epoch=epoch,
+                             fit=dict(best=best, best_state=best_state, best_epoch=best_epoch, bad=bad,
+                                      history=history, speeds=speeds, stopped=stopped)), last_path(cfg, key))
+            done_epoch = epoch
+            if stopped:
                 print(f"{key}: no better valid {cfg.select} for {bad} epochs, stopping")
-                break
-    model.load_state_dict(best_state)
-    test = evaluate_split(cfg, model, ds.test, cfg.beam_test, device)  # once, best-valid weights
+        model.load_state_dict(best_state)
+        test = evaluate_split(cfg, model, ds.test, cfg.beam_test, device)  # once, best-valid weights
+    except KeyboardInterrupt:
+        where = f"{key}'s test evaluation" if done_epoch == epochs or stopped else f"{key} epoch {done_epoch + 1}"
+        held = f"{last_path(cfg, key)} holds its epoch {done_epoch}" if done_epoch else f"{key} finished no epoch"
+        raise KeyboardInterrupt(f"in {where}; {held}") from None
     result = dict(valid=best, test=test, best_epoch=best_epoch, epochs_run=len(history),
                   train_examples_per_s=round(sum(speeds) / len(speeds), 1),
                   wall_s=round(time.time() - t_stage, 1), history=history)
     save_stage(cfg, key, model, sids, best_epoch, best, done=True, result=result)
+    if os.path.exists(last_path(cfg, key)):  # the finished checkpoint supersedes it
+        os.remove(last_path(cfg, key))
     print(f"{key} TEST (epoch {best_epoch}) | {fmt_metrics(test)} | {result['wall_s']:.0f} s")
     return result
 
@@ -876,7 +1074,7 @@ def train_base(cfg, ds, sids, device, bench_steps=0):
         return dict(loss=loss, ce=loss)
 
     return fit(cfg, "base", model, step, ds, sids, device, cfg.batch_size, cfg.epochs,
-               cfg.max_examples, bench_steps)
+               cfg.max_examples, bench_steps, opt=opt)
 
 
 # -----------------------------------------------------------------------------
@@ -915,7 +1113,7 @@ def stage1_pretrain(cfg, ds, sids, device, bench_steps=0):
         return dict(loss=loss, ce=loss)
 
     return fit(cfg, "stage1", model, step, ds, sids, device, cfg.batch_size, cfg.epochs,
-               cfg.max_examples, bench_steps)
+               cfg.max_examples, bench_steps, opt=opt)
 
 
 # -----------------------------------------------------------------------------
@@ -1028,7 +1226,7 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
                     usage=usage, dpo=dpo, dpo_acc=acc, o_ppl=ppl)
 
     return fit(cfg, "stage2", model, step, ds, sids, device, cfg.batch_size, cfg.epochs,
-               cfg.max_examples, bench_steps)
+               cfg.max_examples, bench_steps, opt=opt, rngs=[gen])
 
 
 # -----------------------------------------------------------------------------
@@ -1125,7 +1323,7 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
                     entropy=(ent * weight).sum() / (weight.sum() * y[..., 0].numel()))
 
     return fit(cfg, "stage3", policy, step, ds, sids, device, cfg.rl_batch, cfg.rl_epochs,
-               cfg.rl_max_examples, bench_steps)
+               cfg.rl_max_examples, bench_steps, opt=opt, rngs=[gen])
 
 
 # -----------------------------------------------------------------------------
@@ -1225,10 +1423,16 @@ def benchmark(cfg, ds, sids, device, keys):
 
 
 def main(argv=None) -> dict:
-    cfg = None
+    """Check the flags and --out, lock --out, run the stages. Ctrl-C at any point: one line saying
+    what is saved, and exit code 130 (128 + SIGINT, what a shell reports for Ctrl-C)."""
+    cfg, lock, finished = None, None, []  # finished: the stages of --stages done so far
+    phase = "during start-up; nothing written yet"  # what a Ctrl-C interrupts (fit says more)
     try:
         cfg = parse_args(argv)
         device = pick_device(cfg.device)
+        keys = [key for flag, key in STAGES.items() if flag in [s.strip() for s in cfg.stages.split(",")]]
+        check_out(cfg, keys)
+        lock = lock_out(cfg.out)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         print(f"STREAM-Rec | device {device} | torch {torch.__version__} | float32 | seed {cfg.seed}")
@@ -1236,15 +1440,16 @@ def main(argv=None) -> dict:
         set_seed(cfg.seed)
         ds = data.load_dataset(cfg.dataset, cfg.data_dir, verbose=True, split=cfg.split,
                                min_rating=cfg.min_rating, kcore=cfg.kcore)
+        check_config(cfg, ds)  # the limits the data sets (beam widths, ranking negatives)
         sids = build_semantic_ids(cfg, ds)
-        os.makedirs(cfg.out, exist_ok=True)
-        keys = [key for flag, key in STAGES.items() if flag in [s.strip() for s in cfg.stages.split(",")]]
         if cfg.benchmark:
+            phase = "during the benchmark; benchmark.json not written"
             res = dict(config=dataclasses.asdict(cfg), dataset=ds.stats, device=str(device),
                        torch=torch.__version__, benchmark=benchmark(cfg, ds, sids, device, keys))
             save_atomic(res, os.path.join(cfg.out, "benchmark.json"))
             return res
         if cfg.eval_only:  # e.g. another --trace-decode or beam size for trained stages
+            phase = "during the evaluation; eval.json not written"
             res = dict(config=dataclasses.asdict(cfg), dataset=ds.stats)
             for key in keys:
                 model = load_stage(cfg, key, sids, device, "--eval-only")[0]
@@ -1254,10 +1459,7 @@ def main(argv=None) -> dict:
             save_atomic(res, os.path.join(cfg.out, "eval.json"))
             return res
         path = os.path.join(cfg.out, "results.json")
-        old = {}
-        if os.path.exists(path):  # stages not rerun keep their entries
-            with open(path) as f:
-                old = json.load(f)
+        old = load_file(path) if os.path.exists(path) else {}  # stages not rerun keep their entries
         res = dict(config=dataclasses.asdict(cfg), dataset=ds.stats, device=str(device),
                    torch=torch.__version__, semantic_ids=sids["report"])
         res.update({k: old[k] for k in STAGES.values() if k in old})
@@ -1270,18 +1472,24 @@ def main(argv=None) -> dict:
                 if diff:
                     saved = ", ".join(f"{k}={ck['config'].get(k)}" for k in diff)
                     raise RunError(f"--resume: {ckpt_path(cfg, key)} was trained with other "
-                                   f"settings ({saved}); pass the same flags, or rerun without --resume")
-                if ck["done"]:  # a stage interrupted mid-way is rerun from its start
+                                   f"settings ({saved}); pass the same flags, or rerun it with --overwrite")
+                if ck["done"]:  # a stage interrupted mid-way continues from its last epoch (fit)
                     res[key] = ck["result"]
+                    finished.append(key)
                     print(f"{key}: finished checkpoint found, skipped (--resume)")
                     continue
+                if not os.path.exists(last_path(cfg, key)):
+                    print(f"note: {key} did not finish and left no {last_path(cfg, key)}; it restarts "
+                          f"from its first epoch")
             print(f"--- {key} ---")
             for later in order[order.index(key) + 1:]:  # they started from the old `key` model
                 if later not in keys and res.pop(later, None) is not None:
                     print(f"note: {later}'s results dropped from results.json: it was trained "
-                          f"from the previous {key}; rerun --stages {later.replace('stage', '')}")
+                          f"from the previous {key}; rerun --stages {later.replace('stage', '')} --overwrite")
             set_seed(stage_seed(cfg, key))  # dropout etc.: same numbers whether run alone or not
+            phase = f"while {key} was starting"
             res[key] = STAGE_FNS[key](cfg, ds, sids, device)
+            finished.append(key)
             save_atomic(res, path)
         save_atomic(res, path)
         summary = " | ".join(f"{k} R@10 {res[k]['test']['recall@10']:.4f}" for k in STAGES.values() if k in res)
@@ -1289,9 +1497,21 @@ def main(argv=None) -> dict:
         return res
     except (data.DataError, RunError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:
-        where = cfg.out if cfg else "--out"
-        sys.exit(f"interrupted: finished stages and best checkpoints are in {where}; rerun with --resume")
+    except KeyboardInterrupt as e:
+        what = str(e) or phase
+        if cfg is not None and not (cfg.benchmark or cfg.eval_only):
+            what += (f"; finished and saved: {', '.join(finished)}" if finished else "; no stage of this run finished")
+            what += "; the same command with --resume continues from there"
+        print(f"interrupted {what}", file=sys.stderr, flush=True)
+        sys.exit(130)
+    except (RuntimeError, MemoryError) as e:
+        line = memory_error_line(e)
+        if line is None:
+            raise
+        sys.exit(f"error: {line}")
+    finally:
+        if lock:
+            release_lock(lock)
 
 
 if __name__ == "__main__":

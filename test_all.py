@@ -1,6 +1,6 @@
-"""Tests of data.py, rearec.py and stream_rec.py: offline, CPU only, a few minutes at most.
+"""Tests of data.py, rearec.py and stream_rec.py: offline, CPU only.
 
-Run: python -m pytest -q test_all.py
+Run: python -m pytest -q -rs test_all.py   (-rs prints the reason of every skipped test)
 """
 import gzip
 import hashlib
@@ -9,6 +9,8 @@ import json
 import math
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import threading
 import zipfile
@@ -20,6 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+
+# The models here are tiny: torch's default of one thread per core only oversubscribes a CPU that
+# other jobs share (the suite took 12 min instead of 30 s that way). One thread for every test.
+torch.set_num_threads(1)
 
 SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
 
@@ -460,6 +466,9 @@ def test_named_dataset_downloads_once_then_works_offline(tmp_path, monkeypatch):
     (["--dataset", "{f}"], '{"foo": 1}\n', "line 1: not a review record"),
     (["--dataset", "{f}"], "1 2 3\n\n1\n", "line 3"),
     (["--dataset", "{gz}"], None, "cannot read"),
+    (["--dataset", "{f}"], "user,item\n", "has a header but no rows"),  # not "lower --kcore"
+    (["--dataset", "{f}", "--kcore", "-1"], "1 2\n1 3\n1 4\n", "--kcore must be >= 0"),
+    (["--dataset", "{f}"], "u1 a\n" * 1001 + "u1 b c\n", "line 1002"),  # string ids, bad line late
 ])
 def test_bad_input_gives_one_clear_line(tmp_path, args, text, message):
     f = tmp_path / "in.txt"
@@ -471,6 +480,36 @@ def test_bad_input_gives_one_clear_line(tmp_path, args, text, message):
     with pytest.raises(SystemExit) as e:
         data.main(args + ["--data-dir", str(tmp_path)])
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_two_column_files_take_string_ids_like_the_other_layouts(tmp_path):
+    ds = data.load_dataset(write(tmp_path / "pairs.txt", "u1 B0A\nu1 B0C\nu1 B0B\nu2 B0A\nu2 B0B\nu2 B0C\n"),
+                           verbose=False)
+    assert full_sequences(ds) == {"u1": ["B0A", "B0C", "B0B"], "u2": ["B0A", "B0B", "B0C"]}
+
+
+def test_offline_multi_file_dataset_names_every_missing_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "AMZ2023", "http://127.0.0.1:9/")  # discard port: nothing listens
+    with pytest.raises(SystemExit) as e:
+        data.main(["--dataset", "amazon2023-Toys-time", "--data-dir", str(tmp_path)])
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg and "place them in" in msg
+    assert all(f"Toys.{s}.csv.gz" in msg for s in ("train", "valid", "test"))
+
+
+def test_corrupt_cached_download_is_kept_until_a_good_copy_replaces_it(tmp_path, capsys):
+    body = gzip.compress(b"user,item\n1,2\n")
+    dest = tmp_path / "f.csv.gz"
+    dest.write_bytes(body[:-10])  # a truncated cached copy
+    with pytest.raises(data.DataError, match="cached copy is corrupt"):  # offline: keep what we have
+        data.download("http://127.0.0.1:9/f.csv.gz", str(dest))
+    assert dest.read_bytes() == body[:-10]
+    srv = Server({"f.csv.gz": body})
+    try:
+        data.download(srv.url + "f.csv.gz", str(dest))
+    finally:
+        srv.close()
+    assert dest.read_bytes() == body and not list(tmp_path.glob("*.part"))
 
 
 def test_offline_named_dataset_error(tmp_path, monkeypatch):
@@ -570,7 +609,8 @@ def test_plot_without_matplotlib_is_one_clear_line(tmp_path, monkeypatch):
 
 
 # --- The real ML-1M files, where the shared data folder is present -----------------------------------
-@pytest.mark.skipif(not (SHARED / "sasrec" / "ml-1m.txt").exists(), reason="shared data folder absent")
+@pytest.mark.skipif(not (SHARED / "sasrec" / "ml-1m.txt").exists(),
+                    reason=f"needs the shared data folder {SHARED} (../shared/data beside the repo)")
 def test_raw_ml1m_reproduces_sasrec_order():
     """Raw ratings.dat (first 2,999 users) -> our parse + stable sort equals SASRec's ml-1m.txt
     for every user, item for item (through the published id mappings)."""
@@ -1114,11 +1154,150 @@ def test_cli_results_json_seed_and_resume(tmp_path):
     (["--select-metric", "auc"], "--select-metric"),
     (["--select-step", "best"], "--select-step must be"),
     (["--resume", "--out", "/nonexistent-dir-for-test"], "no checkpoint"),
+    # values that used to pass the checks and then crash, or train nothing and exit 0
+    (["--heads", "0"], "--heads must be >= 1"),
+    (["--seed", "-1"], "--seed must be in 0..2^32-1"),
+    (["--weight-decay", "-1"], "--weight-decay and --grad-clip must be >= 0"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
+    (["--eval-batch-size", "-1"], "--eval-batch-size must be >= 1"),
+    (["--max-len", "1000000000"], "--max-len must be 0 (auto) to 10000"),
+    (["--patience", "0"], "--patience must be >= 1"),
+    (["--bucket", "-1"], "--bucket must be >= 0"),
+    (["--kcore", "-1"], "--kcore must be >= 0"),
+    (["--kl-weight", "1e30"], "--kl-weight must be <= 1"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--noise", "nan"], "--noise must be a finite number"),
+    (["--cl-tau", "-1"], "--cl-tau must be >= 0"),
+    (["--cl-anchors", "0"], "--cl-anchors must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--warmup-steps", "-2"], "--warmup-steps >= -1"),
+    (["--dtype", "float16"], "--dtype must be float32 or bfloat16"),
+    (["--resume", "--overwrite"], "pass one of them"),
 ])
-def test_rearec_bad_flags_give_one_clear_line(args, message):
+def test_rearec_bad_flags_give_one_clear_line(tmp_path, args, message):
+    out = [] if "--out" in args else ["--out", str(tmp_path / "run")]  # never the working folder's runs/
     with pytest.raises(SystemExit) as e:
-        rearec.main(args)
+        rearec.main(args + out)
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def tiny_rearec_args(tmp_path, out, *extra):
+    return ["--dataset", synthetic_file(tmp_path, 200), "--hidden", "16", "--warmup", "0", "--batch-size", "64",
+            "--max-len", "20", "--epochs", "1", "--out", str(tmp_path / out), *extra]
+
+
+def one_line_error(e, *phrases):
+    msg = str(e.value)
+    return msg.startswith("error: ") and "\n" not in msg and all(p in msg for p in phrases)
+
+
+def test_rearec_out_is_checked_before_any_work(tmp_path, monkeypatch):
+    """A file, an unwritable path, a folder holding another run, a folder in use: one line each,
+    before the data is even read."""
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("read the data before checking --out"))
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "results.json").write_text("{}")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live process
+    for out, phrases in [("f", ["is a file"]), ("f/sub", ["cannot create --out"]),
+                         ("done", ["holds another run (results.json)", "--resume", "--overwrite", "new --out"]),
+                         ("busy", [f"in use by another run (pid {os.getpid()})", "another --out"])]:
+        with pytest.raises(SystemExit) as e:
+            rearec.main(["--out", str(tmp_path / out)])
+        assert one_line_error(e, *phrases), (out, str(e.value))
+    assert (tmp_path / "busy" / ".lock").exists()  # another run's lock is never removed
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "ro").mkdir(mode=0o500)
+        with pytest.raises(SystemExit) as e:
+            rearec.main(["--out", str(tmp_path / "ro" / "run")])
+        assert one_line_error(e, "cannot create --out")
+
+
+def test_rearec_another_run_needs_resume_or_overwrite_and_stale_locks_go(tmp_path, capsys):
+    first = rearec.main(tiny_rearec_args(tmp_path, "a"))
+    with pytest.raises(SystemExit) as e:  # the same command again: refused, the run kept
+        rearec.main(tiny_rearec_args(tmp_path, "a"))
+    assert one_line_error(e, "holds another run", "--resume", "--overwrite")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "a" / ".lock").write_text(f"{dead.pid} {socket.gethostname()}\n")  # as after a SIGKILL
+    again = rearec.main(tiny_rearec_args(tmp_path, "a", "--overwrite", "--seed", "1"))
+    assert "removed the stale lock" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["config"]["seed"] == 1 and again["test"] != first["test"]
+    assert not (tmp_path / "a" / ".lock").exists() and not list(tmp_path.rglob("*.tmp"))
+
+
+def interrupt_on_call(n, real):
+    """A stand-in for `real` that raises KeyboardInterrupt (Ctrl-C) on its n-th call."""
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    return fake
+
+
+def test_rearec_ctrl_c_exits_130_tells_what_last_pt_holds_and_loses_nothing(tmp_path, monkeypatch, capsys):
+    a = tmp_path / "a"
+    rearec.main(tiny_rearec_args(tmp_path, "a"))  # a finished run
+    before = {f: (a / f).read_bytes() for f in ("results.json", "last.pt", "best.pt")}
+    # --overwrite, Ctrl-C in epoch 1: the finished run stays whole, and the message says so
+    with monkeypatch.context() as m:
+        m.setattr(rearec, "compute_loss", interrupt_on_call(1, rearec.compute_loss))
+        with pytest.raises(SystemExit) as e:
+            rearec.main(tiny_rearec_args(tmp_path, "a", "--overwrite", "--epochs", "4"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1 and "before this run finished an epoch" in err[0]
+    assert "last.pt is untouched: it still holds epoch 1 of the run that was in --out" in err[0]
+    assert {f: (a / f).read_bytes() for f in before} == before and not (a / ".lock").exists()
+    # Ctrl-C in epoch 2's validation: last.pt holds epoch 1, results.json says interrupted, and
+    # --resume then gives exactly the uninterrupted run
+    with monkeypatch.context() as m:
+        m.setattr(rearec, "evaluate", interrupt_on_call(2, rearec.evaluate))
+        with pytest.raises(SystemExit) as e:
+            rearec.main(tiny_rearec_args(tmp_path, "b", "--epochs", "2"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1 and "holds epoch 1" in err[0] and "--resume" in err[0]
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert saved["interrupted"] is True and saved["epochs"] == 1
+    resumed = rearec.main(tiny_rearec_args(tmp_path, "b", "--epochs", "2", "--resume"))
+    straight = rearec.main(tiny_rearec_args(tmp_path, "c", "--epochs", "2"))
+    assert resumed["test"] == straight["test"] and resumed["interrupted"] is False
+    with monkeypatch.context() as m:  # Ctrl-C while --resume reads last.pt: nothing written
+        m.setattr(rearec, "load_checkpoint", interrupt_on_call(1, rearec.load_checkpoint))
+        with pytest.raises(SystemExit) as e:
+            rearec.main(tiny_rearec_args(tmp_path, "b", "--epochs", "3", "--resume"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1 and "before this run wrote anything" in err[0], err
+    # Ctrl-C while loading the data, and during the final evaluation
+    for name, real, phrase in [("load_dataset", data.load_dataset, "before this run wrote anything"),
+                               ("evaluate", rearec.evaluate, "during the final evaluation")]:
+        with monkeypatch.context() as m:
+            m.setattr(data if name == "load_dataset" else rearec, name,
+                      interrupt_on_call(1 if name == "load_dataset" else 2, real))
+            with pytest.raises(SystemExit) as e:
+                rearec.main(tiny_rearec_args(tmp_path, "d" + name))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 130 and len(err) == 1 and phrase in err[0], err
+        assert not (tmp_path / ("d" + name) / "results.json").exists()
+        assert not (tmp_path / ("d" + name) / ".lock").exists()
+
+
+def test_rearec_corrupt_checkpoints_are_one_line(tmp_path):
+    rearec.main(tiny_rearec_args(tmp_path, "a"))
+    for name in ("last.pt", "best.pt"):
+        path = tmp_path / "a" / name
+        good = path.read_bytes()
+        for bad in (os.urandom(3000), good[:3000]):  # random bytes, a truncated file
+            path.write_bytes(bad)
+            with pytest.raises(SystemExit) as e:
+                rearec.main(tiny_rearec_args(tmp_path, "a", "--resume", "--epochs", "2"))
+            assert one_line_error(e, f"{path} is corrupt or incomplete; delete it or use a new --out")
+        path.write_bytes(good)
 
 
 def test_bfloat16_on_a_cpu_without_native_bf16_is_a_clear_error(monkeypatch):
@@ -1419,7 +1598,10 @@ def test_tiny_run_writes_valid_results_json(tiny_run):
 def test_each_stage_loads_the_previous_checkpoint_and_reruns_alone(tiny_run):
     root, res = tiny_run
     # stage 2 alone starts from stage1.pt and base.pt and repeats the full run's numbers
-    again = sr.main(tiny_args(root / "a", "--stages", "2,3"))
+    with pytest.raises(SystemExit) as e:  # rerunning stages that have checkpoints needs --overwrite
+        sr.main(tiny_args(root / "a", "--stages", "2,3"))
+    assert one_line_error(e, "already holds stage2.pt, stage3.pt", "--resume", "--overwrite")
+    again = sr.main(tiny_args(root / "a", "--stages", "2,3", "--overwrite"))
     assert strip_times(again["stage2"]) == strip_times(res["stage2"])
     assert strip_times(again["stage3"]) == strip_times(res["stage3"])
     skipped = sr.main(tiny_args(root / "a", "--resume"))  # everything finished: nothing reruns
@@ -1429,7 +1611,7 @@ def test_each_stage_loads_the_previous_checkpoint_and_reruns_alone(tiny_run):
         sr.main(tiny_args(root / "empty", "--stages", "3"))
     assert "stage2.pt" in str(e.value) and "--stages 2" in str(e.value)
     with pytest.raises(SystemExit) as e:  # the saved stage 1 has another trace length
-        sr.main(tiny_args(root / "a", "--stages", "2", "--trace-len", "3"))
+        sr.main(tiny_args(root / "a", "--stages", "2", "--trace-len", "3", "--overwrite"))
     assert "trace_len=2" in str(e.value) and "trace_len=3" in str(e.value)
     with pytest.raises(SystemExit) as e:  # --resume with another training setting
         sr.main(tiny_args(root / "a", "--resume", "--lambda-dpo", "0.5"))
@@ -1442,10 +1624,10 @@ def test_unfinished_parents_and_stale_results(tiny_run):
     ck = torch.load(root / "e" / "stage2.pt", weights_only=True)
     torch.save(ck | {"done": False}, root / "e" / "stage2.pt")  # as if stage 2 had been interrupted
     with pytest.raises(SystemExit) as e:
-        sr.main(tiny_args(root / "e", "--stages", "3"))
-    assert "did not finish" in str(e.value) and "--stages 2" in str(e.value)
+        sr.main(tiny_args(root / "e", "--stages", "3", "--overwrite"))
+    assert "did not finish" in str(e.value) and "--stages 2 --resume" in str(e.value)
     # rerunning stage 2 alone drops stage 3's results: they were trained from the old stage 2
-    again = sr.main(tiny_args(root / "e", "--stages", "2"))
+    again = sr.main(tiny_args(root / "e", "--stages", "2", "--overwrite"))
     saved = json.loads((root / "e" / "results.json").read_text())
     assert "stage3" not in again and "stage3" not in saved and {"base", "stage1", "stage2"} <= set(saved)
 
@@ -1485,10 +1667,21 @@ def test_baseline_learns_the_synthetic_data(tmp_path):
     (["--rank-negs", "0"], "--rank-negs must be >= 1 while --w-rank is on"),
     (["--levels", "9", "--codebook-size", "256", "--stages", "base"], "more code tuples than an int64 key holds"),
     (["--dataset", "no-such-set"], "unknown dataset 'no-such-set'"),
+    # values that used to pass the checks and then crash, run out of memory or train nothing
+    (["--seed", "-1"], "--seed must be in 0..2^32-1"),
+    (["--kcore", "-1"], "--kcore must be >= 0"),
+    (["--max-len", "1000000"], "encoder tokens, more than 1024"),
+    (["--lambda-dpo", "inf"], "--lambda-dpo must be a finite number"),
+    (["--w-format", "-1"], "--w-format must be >= 0"),
+    (["--w-format", "0", "--w-match", "0", "--w-sim", "0", "--w-lik", "0", "--w-rank", "0"], "stage 3 needs a reward"),
+    (["--resume", "--overwrite"], "pass one of them"),
+    (["--beam-valid", "100000", "--stages", "base"], "--beam-valid 100000 is wider than the 400 items"),
+    (["--beam-test", "401", "--stages", "base"], "--beam-test 401 is wider than the 400 items"),
+    (["--rank-negs", "100000"], "--rank-negs 100000 needs that many other items"),
 ])
-def test_bad_flags_give_one_clear_line(args, message):
+def test_bad_flags_give_one_clear_line(tmp_path, args, message):
     with pytest.raises(SystemExit) as e:
-        sr.main(args)
+        sr.main(args + ["--out", str(tmp_path / "run")])  # never the working folder's runs/
     assert str(e.value).startswith("error: ") and message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -1505,3 +1698,70 @@ def test_missing_device_text_features_and_nonfinite_loss_are_clear_errors(tiny_r
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(sr.RunError, match="lower --sft-lr"):
         sr.update(model, opt, torch.tensor(float("nan"), requires_grad=True), sr.Config(), "stage2")
+
+
+def test_out_checks_lock_and_corrupt_files_are_one_line(tiny_run, monkeypatch):
+    root, _ = tiny_run
+    (root / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        sr.main(tiny_args(root / "file"))
+    assert one_line_error(e, "is a file")
+    shutil.copytree(root / "a", root / "f")
+    assert not (root / "a" / ".lock").exists() and not list((root / "a").glob("*_last.pt"))
+    (root / "f" / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live run holds it
+    with pytest.raises(SystemExit) as e:
+        sr.main(tiny_args(root / "f", "--stages", "3", "--overwrite"))
+    assert one_line_error(e, f"in use by another run (pid {os.getpid()})")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (root / "f" / ".lock").write_text(f"{dead.pid} {socket.gethostname()}\n")  # as after a SIGKILL: stale
+    good = {n: (root / "f" / n).read_bytes() for n in ("stage2.pt", "results.json")}
+    for name, bad in [("stage2.pt", os.urandom(3000)), ("stage2.pt", good["stage2.pt"][:3000]),
+                      ("results.json", good["results.json"][:100])]:
+        (root / "f" / name).write_bytes(bad)
+        with pytest.raises(SystemExit) as e:
+            sr.main(tiny_args(root / "f", "--stages", "3", "--overwrite"))
+        assert one_line_error(e, f"{root / 'f' / name} is corrupt or incomplete; delete it or use a new --out")
+        assert not (root / "f" / ".lock").exists()  # the stale lock went, and this run's lock too
+        (root / "f" / name).write_bytes(good[name])
+
+
+@pytest.mark.parametrize("script", ["rearec", "stream_rec"])
+def test_a_failed_allocation_is_one_line(tmp_path, monkeypatch, script):
+    """Sizes that no machine can hold end with one line naming the flags to lower, not a traceback."""
+    def too_big(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough "
+                           "memory: you tried to allocate 25600000000 bytes.")
+    monkeypatch.setattr(data, "load_dataset", too_big)
+    with pytest.raises(SystemExit) as e:
+        (rearec if script == "rearec" else sr).main(["--out", str(tmp_path / "run")])
+    assert one_line_error(e, "out of memory (23.8 GiB asked for); lower --batch-size")
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+@pytest.mark.parametrize("stage, flags", [("base", ["--stages", "base", "--epochs", "2"]),
+                                          ("stage3", ["--stages", "3", "--rl-epochs", "2", "--overwrite"])])
+def test_ctrl_c_exits_130_and_resume_continues_the_stage_from_its_last_epoch(tiny_run, monkeypatch, capsys,
+                                                                           stage, flags):
+    root, _ = tiny_run
+    for name in ("straight", "stopped") if stage == "stage3" else ():  # it starts from the saved stage 2
+        shutil.copytree(root / "a", root / f"{stage}_{name}")
+    straight = sr.main(tiny_args(root / f"{stage}_straight", *flags))
+    out = root / f"{stage}_stopped"
+    with monkeypatch.context() as m:  # Ctrl-C during epoch 2's validation
+        m.setattr(sr, "evaluate_split", interrupt_on_call(2, sr.evaluate_split))
+        with pytest.raises(SystemExit) as e:
+            sr.main(tiny_args(out, *flags))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1, err
+    assert f"in {stage} epoch 2; {out / (stage + '_last.pt')} holds its epoch 1" in err[0] and "--resume" in err[0]
+    resumed = sr.main(tiny_args(out, *[f for f in flags if f != "--overwrite"], "--resume"))
+    assert f"{stage}: resumed from" in capsys.readouterr().out
+    assert strip_times(resumed[stage]) == strip_times(straight[stage])
+    assert not (out / f"{stage}_last.pt").exists() and not (out / ".lock").exists()
+    with monkeypatch.context() as m:  # Ctrl-C while loading the data: one line, exit 130
+        m.setattr(data, "load_dataset", interrupt_on_call(1, data.load_dataset))
+        with pytest.raises(SystemExit) as e:
+            sr.main(tiny_args(root / f"{stage}_startup"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 130 and len(err) == 1 and "during start-up; nothing written yet" in err[0]
