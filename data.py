@@ -550,6 +550,35 @@ def make_synthetic(n_users=2000, n_topics=16, items_per_topic=25, min_len=10, ma
 
 # -----------------------------------------------------------------------------
 # Preprocessing and splits (one place; each step a documented option)
+# S3-Rec item attributes (brand and categories as ids): used by STREAM-Rec's attribute features
+def parse_item_attributes(path):
+    """S3-Rec `<Name>_item2attributes.json`, one JSON object {"item id": [attribute ids]} ->
+    {raw item id (str): [attribute id (str), ...]}. The ids are opaque (the file has no names)."""
+    try:
+        obj = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); expected one "
+                        f"object of item id -> list of attribute ids") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected one JSON object of item id -> list of attribute ids, "
+                        f"got a {type(obj).__name__}")
+    out = {}
+    for key, attrs in obj.items():
+        if not isinstance(attrs, list) or not all(isinstance(a, (int, str)) and not isinstance(a, bool)
+                                                  for a in attrs):
+            raise DataError(f"{path}: item {key!r} maps to {str(attrs)[:40]}, not a list of attribute ids")
+        out[str(key)] = [str(a) for a in attrs]
+    return out
+
+
+def _sibling_attributes(path):
+    """`<Name>_item2attributes.json` next to an S3-Rec interaction file `<Name>.txt`, if there."""
+    folder, base = os.path.split(path)
+    stem = re.sub(r"\.(txt|csv|tsv|inter|dat)(\.gz)?$", "", base)
+    cand = os.path.join(folder, f"{stem}_item2attributes.json")
+    return cand if stem != base and os.path.exists(cand) else None
+
+
 # -----------------------------------------------------------------------------
 @dataclass
 class Seqs:
@@ -585,6 +614,7 @@ class Dataset:
     item_ids: np.ndarray  # item id -> raw id in the source file (index 0 unused)
     user_ids: np.ndarray  # user index -> raw id
     stats: dict
+    item_attrs: list | None = None  # item id -> [attribute ids] (index 0 = PAD = []), None without a file
 
 
 def _preprocess(cols, opts, name):
@@ -710,12 +740,15 @@ def build_dataset(cols, name, titles=None, **overrides):
                    np.r_[np.zeros(1, item_ids.dtype), item_ids[used]], user_ids, stats)
 
 
-def load_dataset(name="synthetic", data_dir="data", *, meta=None, verbose=True, **overrides):
+def load_dataset(name="synthetic", data_dir="data", *, meta=None, attributes=None, verbose=True,
+                 **overrides):
     """Load a named dataset (downloading it once into `data_dir`) or a local file.
 
     `overrides` (None = the dataset's default, see DEFAULTS): min_rating, dedup, kcore,
     kcore_mode, split, time_cuts, min_history. `meta`: a metadata file with item titles
     (found automatically next to local files and in `data_dir` for named datasets).
+    `attributes`: an S3-Rec `<Name>_item2attributes.json` (found automatically next to a local
+    `<Name>.txt`); sets `ds.item_attrs`.
     """
     titles, kind = None, None
     if name == "synthetic":
@@ -729,6 +762,7 @@ def load_dataset(name="synthetic", data_dir="data", *, meta=None, verbose=True, 
             titles = _zip_meta(name)
         else:
             meta = meta or _sibling_meta(name)
+            attributes = attributes or _sibling_attributes(name)
     elif os.sep in name or re.search(r"\.(txt|csv|tsv|dat|data|inter|json|jsonl|gz|zip)$", name):
         raise DataError(f"no such file: {name}; check the path (named datasets: synthetic, "
                         f"{', '.join(MOVIELENS)}, amazon2014-<Category>, ...)")
@@ -748,6 +782,17 @@ def load_dataset(name="synthetic", data_dir="data", *, meta=None, verbose=True, 
     if meta:
         titles = parse_meta(meta)
     ds = build_dataset(cols, name, titles, kind=kind, **overrides)
+    if attributes:  # raw item id -> attribute ids, in the dataset's item order (0 = PAD)
+        attrs = parse_item_attributes(attributes)
+        ds.item_attrs = [[]] + [attrs.get(str(raw), []) for raw in ds.item_ids[1:]]
+        have = sum(1 for a in ds.item_attrs if a)
+        if have == 0:
+            raise DataError(f"{attributes}: none of its item ids is an item of {name}; is it the "
+                            f"attribute file of another dataset?")
+        if verbose:
+            print(f"attributes: {attributes}: {have} of {ds.n_items} items have attributes "
+                  f"({sum(map(len, ds.item_attrs)) / have:.1f} per item)")
+    ds.stats["has_attributes"] = ds.item_attrs is not None
     if verbose:
         s = ds.stats
         print(f"dataset {name}: {s['users']} users, {s['items']} items, {s['interactions']} "
@@ -819,13 +864,15 @@ def windows(items, starts, ends, length):
     return np.where(valid, items[np.clip(idx, 0, None)], PAD)
 
 
-def train_batches(train, maxlen, batch_size, *, pairs=False, device="cpu", generator=None, bucket=0):
+def train_batches(train, maxlen, batch_size, *, pairs=False, device="cpu", generator=None, bucket=0,
+                  positions=False):
     """Yield shuffled training batches (a fresh permutation from `generator` each call).
 
     pairs=False (SASRec / ReaRec): one row per user, targets at every position
         inputs (B, L), targets (B, L): targets[b, j] is the item after inputs[b, j]; PAD = no loss.
     pairs=True (TIGER / STREAM-Rec): one row per (prefix -> next item) example
-        histories (B, L), targets (B,)
+        histories (B, L), targets (B,); positions=True adds (B,) int64 the index of each target
+        in train.items, a key that names the example (STREAM-Rec stores a trace per example)
     bucket > 0 (rows only): draw random pools of `bucket` batches, sort each pool by length, and
         cut every batch's all-padding columns, so L <= maxlen varies per batch. On ML-1M about
         half of a random batch is padding; this halves the work and changes no output (positions
@@ -853,7 +900,8 @@ def train_batches(train, maxlen, batch_size, *, pairs=False, device="cpu", gener
     for rows in batches:
         if pairs:
             hist = windows(train.items, starts[rows], ends[rows], maxlen)  # (B, L)
-            yield (torch.from_numpy(hist).to(device), torch.from_numpy(train.items[ends[rows]]).to(device))
+            batch = (torch.from_numpy(hist).to(device), torch.from_numpy(train.items[ends[rows]]).to(device))
+            yield batch + (torch.from_numpy(ends[rows]).to(device),) if positions else batch
         else:
             w = windows(train.items, starts[rows], ends[rows], maxlen + 1)  # (B, L+1)
             if bucket:
