@@ -82,6 +82,11 @@ import data
 # Token ids: PAD pads histories, BOS starts the decoder, EOS ends an output; codes come after.
 PAD_TOK, BOS, EOS, FIRST_CODE = 0, 1, 2, 3
 STAGES = {"base": "base", "1": "stage1", "2": "stage2", "3": "stage3"}  # flag value -> result key
+CHOICES = dict(features=("auto", "attr", "attr+cooc", "text", "cooc"), annotate=("offline", "online"),
+               target_repr=("feature", "sid"), annot_keep=("all", "gain"), dpo_form=("direct", "shared"),
+               rl_data=("users", "prefixes"), match_reward=("prefix", "level", "exact"),
+               rank_negs_from=("direct", "popular", "random"), trace_decode=("beam", "greedy"),
+               merge=("max", "lse"))  # flag -> its allowed values
 MAX_ENCODER_TOKENS = 1024  # --max-len x (--levels + 1) cap: encoder attention memory grows with its square
 CHEAP_WIDTH = 100  # beams and ranking negatives up to this are allowed on any data; wider: at most N items
 
@@ -104,7 +109,8 @@ class Config:
     max_len: int = 20  # L, history items read by the encoder (MTGRec/TIGER: 20)
     mask_history: bool = True  # remove history items from rankings (shared protocol, README)
     # semantic IDs (Spec §2.1)
-    features: str = "auto"  # item vectors: text (TF-IDF+SVD of titles) | cooc (PPMI+SVD) | auto
+    features: str = "auto"  # item vectors: attr (TF-IDF+SVD of S3-Rec attributes) | attr+cooc (both, concatenated) | text (TF-IDF+SVD of titles) | cooc (PPMI+SVD) | auto: attr+cooc with attributes, else text with titles, else cooc
+    attributes: str | None = None  # S3-Rec <Name>_item2attributes.json (item id -> attribute ids); None = the one next to --dataset, if any
     feature_dim: int = 32  # F, SVD dimension of the item vectors
     cooc_window: int = 5  # items closer than this in a training sequence co-occur
     levels: int = 3  # m, residual quantisation levels (Spec §2.1 [R]: 3, plus a dedup digit)
@@ -121,9 +127,9 @@ class Config:
     trace_len: int = 4  # l, thinking tokens (Spec §2.3: 4 Scientific, 6 Instruments)
     constrain_levels: bool = True  # SID positions may only emit their own level's codes (ours)
     # training, shared by the stages
-    epochs: int = 3  # epochs of base, stage 1 and stage 2 (small: the default run takes minutes)
+    epochs: int = 0  # max epochs of base, stage 1 and stage 2; 0 = auto: 3 on the synthetic demo (minutes), 50 on real data (early stopping: --patience)
     batch_size: int = 256  # (prefix -> next item) examples per step (MTGRec: 256)
-    max_examples: int = 8192  # examples per epoch, a fresh random subset each epoch; 0 = all
+    max_examples: int = -1  # examples per epoch, a fresh random subset each epoch; 0 = all; -1 = auto: 8192 on the synthetic demo, all on real data
     lr: float = 1e-3  # AdamW learning rate of base and stage 1 (MTGRec ft config: 1e-3)
     weight_decay: float = 0.05  # AdamW weight decay (MTGRec: 0.05)
     grad_clip: float = 1.0  # max gradient norm; 0 = off
@@ -131,17 +137,26 @@ class Config:
     select: str = "ndcg@10"  # validation metric that selects checkpoints (Spec §3.3: NDCG@10)
     # stage 2: annotation + SFT (Spec §4)
     sft_lr: float = 5e-4  # AdamW learning rate of stage 2 (Spec §4.3 [R]: 2e-4..1e-3)
-    sft_warmup: int = 1  # epochs whose CE skips the thinking tokens (Spec §4.3 stability tip)
+    annotate: str = "offline"  # offline: fit MLP_r/MLP_s on the frozen stage-1 model, label every training prefix once, fine-tune on the stored traces (Spec §4.2 alt.) | online: every batch labelled by the weights being trained (previous reconstruction)
+    annot_epochs: int = 1  # offline: epochs (of --max-examples) fitting MLP_r, MLP_s and the target projection on the frozen model (L_con + L_quant) before labelling
+    annot_every: int = 0  # offline: re-annotate every this many stage-2 epochs from a frozen snapshot of the model being fine-tuned; 0 = annotate once
+    target_repr: str = "feature"  # t (Spec §4.2): feature = learned projection of the target's item vector | sid = sum of the target's code embeddings (previous reconstruction; it spells the answer)
+    trace_topk: int = 8  # o_i = nearest code to r_i among the frozen model's own top-k tokens at step i; 0 = among all codes (previous reconstruction)
+    annot_keep: str = "all"  # all | gain: keep an annotated trace only where it makes the target more likely (frozen annotator) than the direct model does; the other examples train on their own trace
+    self_trace_frac: float = 0.5  # share of each stage-2 batch whose SID tokens are trained after the model's own greedy trace (no exposure gap); 0 = annotated traces only (previous)
+    sft_warmup: int = 0  # epochs whose CE skips the thinking tokens (Spec §4.3 stability tip; previous reconstruction: 1)
     lambda_con: float = 0.1  # weight of L_con, state-target InfoNCE (Spec §4.3.2)
     tau_con: float = 0.1  # InfoNCE temperature (Spec §4.3.2 [R]: 0.07-0.1)
     lambda_quant: float = 0.1  # weight of L_quant, residual commitment (Spec §4.3.3)
     quant_beta: float = 0.0  # weight of the codebook half of L_quant (Spec §4.3.3 [R]: off)
     lambda_dpo: float = 0.1  # weight of L_DPO against the direct model (Spec §4.3.4)
-    lambda_usage: float = 1.0  # weight of the code-usage penalty against trace collapse (Spec §4.3 tip)
+    lambda_usage: float = 0.0  # weight of the code-usage penalty against trace collapse (Spec §4.3 tip; previous reconstruction: 1)
     beta_dpo: float = 0.1  # DPO beta (ours; the usual DPO default)
+    dpo_form: str = "direct"  # direct: chosen [o ; target], rejected [own trace ; the direct model's answer], reference = the direct model | shared: both after one trace, reference = the stage-2 start (previous)
     # stage 3: GRPO (Spec §4b)
     rl_epochs: int = 2  # RL epochs (Spec §4b [R]: 1-3)
-    rl_max_examples: int = 512  # histories per RL epoch, a fresh random subset; 0 = all
+    rl_max_examples: int = -1  # histories per RL epoch, a fresh random subset; 0 = all; -1 = auto: 512 on the synthetic demo, all on real data
+    rl_data: str = "users"  # users: one history per user, its training prefix -> last training item (Spec §4b: "epochs over the training users") | prefixes: every training prefix
     rl_batch: int = 32  # histories per RL step
     group_size: int = 8  # G, rollouts per history (Spec §4b [R]: 8-16)
     rl_lr: float = 2e-5  # AdamW learning rate (Spec §4b [R]: 1e-5..5e-5, "up to 1e-4")
@@ -154,11 +169,14 @@ class Config:
     w_sim: float = 0.5  # weight of the state-target similarity reward (Spec §4b.3)
     w_lik: float = 0.5  # weight of the thinking-likelihood reward (Spec §4b.4)
     w_rank: float = 1.0  # weight of the thinking-ranking reward (Spec §4b.5)
-    rank_negs: int = 19  # random negatives of the ranking reward (Spec §4b.5 [R]: 49-99)
+    match_reward: str = "prefix"  # prefix: leading SID codes right / M (Spec §4b.2) | level: codes right at any level / M (partial credit per level) | exact: 1 on a hit only
+    rank_negs: int = 19  # negatives of the ranking reward (Spec §4b.5 [R]: 49-99)
+    rank_negs_from: str = "direct"  # direct: the direct model's beams (hard), popular items fill | popular: drawn by training popularity | random: uniform (previous)
     # evaluation (Spec §2.5, §5.3)
     beam_valid: int = 20  # beam size on validation (MTGRec: 20)
     beam_test: int = 50  # beam size on test (MTGRec: 50)
     trace_decode: str = "beam"  # beam: one beam over trace + SID; greedy: greedy trace (Spec §7.13)
+    merge: str = "max"  # beams that end in one item: max (its best trace) | lse (log-sum-exp over its traces: the item's marginal probability)
     eval_batch: int = 128  # histories per evaluation batch
     # run
     stages: str = "base,1,2,3"  # stages to run, in paper order: any of base,1,2,3
@@ -171,6 +189,7 @@ class Config:
     eval_only: bool = False  # only evaluate the saved checkpoints of --stages; writes DIR/eval.json
     benchmark: bool = False  # time each stage's steps and the decoding instead of training
     benchmark_steps: int = 20  # training steps timed per stage by --benchmark
+    estimate: bool = True  # time two steps of each stage at start and print the expected run time
 
 
 def _field_help():
@@ -214,11 +233,15 @@ def check_config(cfg, ds=None):
              f"--{f.name.replace('_', '-')} must be a finite number (got {v})")
     need(cfg.trace_len >= 0, f"--trace-len must be >= 0 (got {cfg.trace_len})")
     for name in ("levels", "max_len", "feature_dim", "d_model", "n_heads", "d_ff", "enc_layers",
-                 "dec_layers", "epochs", "rl_epochs", "batch_size", "rl_batch", "beam_valid", "beam_test",
+                 "dec_layers", "rl_epochs", "batch_size", "rl_batch", "beam_valid", "beam_test",
                  "eval_batch", "kmeans_iters", "benchmark_steps"):
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 "
              f"(got {getattr(cfg, name)})")
-    for name in ("max_examples", "rl_max_examples", "patience", "codebook_size",
+    need(cfg.self_trace_frac >= 0, f"--self-trace-frac must be in [0, 1] (got {cfg.self_trace_frac})")
+    for name in ("max_examples", "rl_max_examples"):
+        need(getattr(cfg, name) >= -1, f"--{name.replace('_', '-')} must be >= -1: -1 = auto, 0 = all "
+             f"(got {getattr(cfg, name)})")
+    for name in ("epochs", "patience", "codebook_size", "annot_epochs", "annot_every", "trace_topk",
                  "sft_warmup", "rank_negs", "quant_beta", "threads", "lambda_con", "lambda_quant",
                  "lambda_dpo", "lambda_usage", "beta_kl", "weight_decay", "grad_clip", "dropout"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 "
@@ -237,10 +260,10 @@ def check_config(cfg, ds=None):
          f"(got {cfg.rank_negs}); the ranking reward ranks the target among them")
     need(cfg.codebook_size <= 256 or cfg.codebook_size == 0, "--codebook-size must be <= 256")
     need(cfg.dropout < 1, f"--dropout must be < 1 (got {cfg.dropout})")
-    need(cfg.features in ("auto", "text", "cooc"), f"--features must be auto, text or cooc "
-         f"(got {cfg.features!r})")
-    need(cfg.trace_decode in ("beam", "greedy"), f"--trace-decode must be beam or greedy "
-         f"(got {cfg.trace_decode!r})")
+    for name, choices in CHOICES.items():
+        need(getattr(cfg, name) in choices, f"--{name.replace('_', '-')} must be {', '.join(choices[:-1])} "
+             f"or {choices[-1]} (got {getattr(cfg, name)!r})")
+    need(cfg.self_trace_frac <= 1, f"--self-trace-frac must be in [0, 1] (got {cfg.self_trace_frac})")
     metrics = [f"{m}@{k}" for m in ("recall", "ndcg", "mrr") for k in data.KS] + ["mrr"]
     need(cfg.select in metrics, f"--select must be one of {', '.join(metrics)} "
          f"(got {cfg.select!r})")
@@ -465,7 +488,19 @@ def text_features(item_text, dim, seed):
     """TF-IDF over the words of "title | genres" lines, then SVD (stands in for a PLM)."""
     # Deviation: the paper encodes item text with a pretrained language model (Spec §2.1);
     # offline and dependency-free, a TF-IDF + SVD embedding keeps the "text -> vector" role.
-    docs = [re.findall(r"[a-z0-9]+", t.lower()) for t in item_text[1:]]
+    return tfidf_svd([re.findall(r"[a-z0-9]+", t.lower()) for t in item_text[1:]], dim, seed)
+
+
+def attribute_features(item_attrs, dim, seed):
+    """S3-Rec attributes (brand, categories: ids) as a bag of tokens -> TF-IDF -> SVD, (N, F)."""
+    # Reconstructed: TIGER encodes title, price, brand and category with Sentence-T5; the S3-Rec
+    # files carry brand and categories as ids only, so the bag of ids is the item's "text".
+    return tfidf_svd([[f"a{a}" for a in attrs] for attrs in item_attrs[1:]], dim, seed)
+
+
+def tfidf_svd(docs, dim, seed):
+    """Token lists (one per item) -> smoothed TF-IDF rows (unit length) -> SVD, (N, F). An item
+    without tokens gets the zero vector."""
     vocab = {w: k for k, w in enumerate(sorted({w for d in docs for w in d}))}
     rows = torch.tensor([i for i, d in enumerate(docs) for _ in d], dtype=torch.long)
     cols = torch.tensor([vocab[w] for d in docs for w in d], dtype=torch.long)
@@ -563,13 +598,24 @@ def residual_kmeans(vecs, levels, size, iters, seed):
     return codes, sizes, report
 
 
+def feature_kind(cfg, ds):
+    """--features auto -> attr+cooc when the data has S3-Rec attributes, text with titles, else cooc."""
+    if cfg.features != "auto":
+        return cfg.features
+    return "attr+cooc" if ds.item_attrs else "text" if ds.item_text else "cooc"
+
+
 def build_semantic_ids(cfg, ds):
-    """Item vectors (text or co-occurrence) -> RQ codes. Built on CPU: same seed, same SIDs."""
+    """Item vectors (attributes, text or co-occurrence) -> RQ codes. Built on CPU: same seed, same SIDs."""
     t0 = time.time()
-    kind = cfg.features if cfg.features != "auto" else ("text" if ds.item_text else "cooc")
+    kind = feature_kind(cfg, ds)
     if kind == "text" and not ds.item_text:
         raise RunError(f"--features text needs item titles, but {ds.name} has no metadata; "
                        f"use --features cooc (or auto)")
+    if kind.startswith("attr") and not ds.item_attrs:
+        raise RunError(f"--features {kind} needs an S3-Rec attribute file (<Name>_item2attributes.json "
+                       f"next to the data, or --attributes PATH), but {ds.name} has none; use --features "
+                       f"cooc (or auto)")
     # Note: k-means is thousands of tiny ops; on a busy machine a second thread makes each of
     # them wait for a descheduled peer (50-100x slower), so the build runs on one thread.
     threads = torch.get_num_threads()
@@ -577,8 +623,18 @@ def build_semantic_ids(cfg, ds):
     try:
         if kind == "text":
             vecs = text_features(ds.item_text, cfg.feature_dim, cfg.seed)  # (N, F)
-        else:
+        elif kind == "attr":
+            vecs = attribute_features(ds.item_attrs, cfg.feature_dim, cfg.seed)
+        elif kind == "cooc":
             vecs = cooc_features(ds.train, ds.n_items, cfg.cooc_window, cfg.feature_dim, cfg.seed)
+        else:  # attr+cooc: what an item is (attributes) and who buys it (co-occurrence), F/2 each
+            # Reconstructed: many items share one attribute set (Toys: 11,924 items, 2,912 sets, the
+            # largest 543 items), which alone would leave hundreds of items to the dedup digit;
+            # the co-occurrence half separates them. Each half is a unit vector, scaled by 1/sqrt(2).
+            half = max(1, cfg.feature_dim // 2)
+            vecs = torch.cat([attribute_features(ds.item_attrs, half, cfg.seed),
+                              cooc_features(ds.train, ds.n_items, cfg.cooc_window, cfg.feature_dim - half or 1,
+                                            cfg.seed)], 1) / math.sqrt(2)
         codes, sizes, report = residual_kmeans(vecs, cfg.levels, cfg.codebook_size,
                                                cfg.kmeans_iters, cfg.seed)
     finally:
@@ -677,11 +733,12 @@ class ResidualMLP(nn.Module):
 class StreamRec(nn.Module):
     """Encoder: the SID tokens of the last L history items. Decoder: [o_1..o_l ; SID ; EOS].
 
-    The same class with trace_len = 0 is the direct (TIGER) model of the baseline.
+    The same class with trace_len = 0 is the direct (TIGER) model of the baseline. `vectors`
+    (N+1, F), the item vectors the SIDs were built from, feed the target projection of stage 2.
     """
 
     def __init__(self, codes, sizes, trace_len, max_len, d_model, n_heads, d_ff, enc_layers,
-                 dec_layers, dropout, tau, constrain_levels):
+                 dec_layers, dropout, tau, constrain_levels, vectors=None):
         super().__init__()
         self.args = dict(sizes=list(sizes), trace_len=trace_len, max_len=max_len, d_model=d_model,
                          n_heads=n_heads, d_ff=d_ff, enc_layers=enc_layers, dec_layers=dec_layers,
@@ -731,6 +788,10 @@ class StreamRec(nn.Module):
         self.d_scale = d_model ** -0.25
         for e in (self.emb, self.enc_pos, self.dec_pos):
             nn.init.normal_(e.weight, std=d_model ** -0.25)
+        if vectors is not None:  # t = W v_target (Spec §4.2 alternative; --target-repr feature)
+            # (created last, so the other weights start exactly as in the previous reconstruction)
+            self.register_buffer("item_vectors", vectors.float(), persistent=False)  # (N+1, F)
+            self.target_proj = nn.Linear(vectors.shape[1], d_model, bias=False)
 
     def encode(self, hist):  # (B, L) item ids -> encoder memory for every decoder layer
         # Deviation: no hashed user token in front (MTGRec has one); the shared protocol hands
@@ -781,7 +842,7 @@ def new_model(cfg, sids, trace_len, device):
     # Deviation: dropout defaults to 0 (TIGER: 0.1): the CPU budgets here underfit, and dropout
     # costs ~40% of a CPU step. --dropout 0.1 restores it.
     torch.manual_seed(cfg.seed + trace_len)  # the init does not depend on what ran before
-    return StreamRec(sids["codes"], **model_args(cfg, sids, trace_len)).to(device)
+    return StreamRec(sids["codes"], **model_args(cfg, sids, trace_len), vectors=sids["vectors"]).to(device)
 
 
 def output_seq(model, trace, items):
@@ -801,11 +862,37 @@ def token_logp(lp, y):  # (B, W, T, V), (B, W, T) -> log P of each chosen token 
     return lp.gather(-1, y[..., None]).squeeze(-1)
 
 
-def target_repr(model, items):
-    """Spec §4.2 [R]: t = stop-grad(sum of the target SID's token embeddings), (..., D)."""
-    # Reconstructed: the paper's "target behaviour representation" is not specified. The sum of
-    # the target's code embeddings keeps t, s_i and c_k in one space; detached, so the losses
-    # move the states toward t and never t toward the states (a target that chases the guess).
+def sid_logp(model, memory, trace, items):
+    """log P(SID(item) ; EOS | x, trace), teacher-forced: trace (B, W, l), items (B, W) -> (B, W)."""
+    y = output_seq(model, trace, items)
+    return token_logp(teacher_forced(model, memory, y)[0], y)[..., model.l:].sum(-1)
+
+
+@torch.no_grad()
+def greedy_trace(model, memory):
+    """The trace the model writes from the history alone, greedy (the trace of --trace-decode
+    greedy): (B, l) token ids."""
+    B = memory["mask"].shape[0]
+    inp, cache, out = torch.full((B, 1, 1), BOS, device=memory["mask"].device), None, []
+    for p in range(model.l):
+        d, cache = model.decode(memory, inp, p, cache)  # (B, 1, 1, D)
+        inp = model.log_probs(d, p).argmax(-1)  # (B, 1, 1)
+        out.append(inp[:, 0, 0])
+    return torch.stack(out, 1) if out else torch.zeros(B, 0, dtype=torch.long, device=inp.device)
+
+
+def target_repr(model, items, kind="sid"):
+    """Spec §4.2 [R]: t, the "target behaviour representation", (..., D).
+    feature: W v_target, a learned projection of the item vector the SIDs were built from;
+    sid: stop-grad(sum of the target SID's token embeddings)."""
+    # Reconstructed: the paper does not specify t. The previous reconstruction (sid) put t in the
+    # space of the very codes the trace is drawn from: with MLP_r near the identity the code
+    # nearest to t - s was usually one of the target's own, so the trace spelled the answer,
+    # which the model cannot do from the history at inference (README: the previous stage 2).
+    # W v_target (the spec's alternative) lives in a space of its own; W is fitted with L_con
+    # before annotating and fixed afterwards (callers detach it outside that fit).
+    if kind == "feature":
+        return model.target_proj(model.item_vectors[items])
     return model.emb(model.item_tokens[items]).sum(-2).detach()
 
 
@@ -814,9 +901,9 @@ def target_repr(model, items):
 # -----------------------------------------------------------------------------
 def ce_loss(tok_lp, weight):
     """Spec §3.1 [P] / §4.3.1: token cross-entropy -log P(y_t | y_<t, x), averaged over the
-    positions of weight 1. tok_lp (B, W, T), weight (T,): forced tokens (the constrained EOS)
-    and, in the stage-2 warm-up, the thinking tokens get weight 0."""
-    return -(tok_lp * weight).sum() / (weight.sum() * tok_lp[..., 0].numel()).clamp(min=1)
+    positions of weight 1. tok_lp (B, W, T), weight (T,) or (B, 1, T): forced tokens (the
+    constrained EOS) and, in stage 2, the thinking tokens of own-trace rows get weight 0."""
+    return -(tok_lp * weight).sum() / weight.expand_as(tok_lp).sum().clamp(min=1)
 
 
 def info_nce(s, t, items, tau):
@@ -946,7 +1033,7 @@ def load_stage(cfg, key, sids, device, needed_by):
         raise RunError(f"{path} holds a {key} run that did not finish (interrupted?), so "
                        f"{needed_by} cannot start from it; finish it with --stages {flag} --resume "
                        f"(or rerun it with --overwrite), same --out")
-    model = StreamRec(sids["codes"], **ck["model_args"]).to(device)
+    model = StreamRec(sids["codes"], **ck["model_args"], vectors=sids["vectors"]).to(device)
     model.load_state_dict(ck["model"])
     return model, ck
 
@@ -962,9 +1049,10 @@ def last_path(cfg, key):
 
 
 def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_examples, bench_steps=0,
-        opt=None, rngs=()):
-    """Run `step(hist, target, epoch) -> {term: value}` over shuffled (prefix -> next item)
-    batches; validate every epoch, keep the best checkpoint, test it once at the end.
+        opt=None, rngs=(), batches=None, diag=None):
+    """Run `step(epoch, hist, target, *rest) -> {term: value}` over shuffled batches (default:
+    (prefix -> next item) examples; `batches(generator)` yields other tuples); validate every
+    epoch (plus `diag(model) -> {name: value}`, logged), keep the best checkpoint, test it once.
 
     After every epoch out/<key>_last.pt holds what a --resume needs to continue the stage exactly
     as if it had not stopped: weights, optimiser `opt`, the random streams (data order, `rngs` of
@@ -995,13 +1083,14 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
             if stopped:
                 break
             sums, n, t0 = {}, 0, time.time()
-            for hist, target in data.train_batches(ds.train, cfg.max_len, batch_size, pairs=True,
-                                                   device=device, generator=gen):
+            batches_ = batches(gen) if batches else data.train_batches(
+                ds.train, cfg.max_len, batch_size, pairs=True, device=device, generator=gen)
+            for batch in batches_:
                 model.train()
-                for name, v in step(hist, target, epoch).items():
+                for name, v in step(epoch, *batch).items():
                     v = v.detach() if torch.is_tensor(v) else v
-                    sums[name] = sums.get(name, 0.0) + float(v) * len(target)
-                n += len(target)
+                    sums[name] = sums.get(name, 0.0) + float(v) * len(batch[1])
+                n += len(batch[1])
                 if bench_steps and n >= bench_steps * batch_size:  # --benchmark: time steps only
                     return dict(examples_per_s=round(n / (time.time() - t0), 1), steps=bench_steps)
                 if max_examples and n >= max_examples:  # Deviation: CPU budget, README records it
@@ -1010,11 +1099,15 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
             speeds.append(speed)
             logs = {name: v / n for name, v in sums.items()}
             valid = evaluate_split(cfg, model, ds.valid, cfg.beam_valid, device)
+            extra = diag(model) if diag else {}
             history.append(dict(epoch=epoch, train=logs, valid=valid, examples=n,
-                                examples_per_s=round(speed, 1), s=round(time.time() - t0, 1)))
+                                examples_per_s=round(speed, 1), s=round(time.time() - t0, 1)) |
+                           ({"diag": extra} if extra else {}))
             terms = " ".join(f"{name} {v:.4f}" for name, v in logs.items() if name != "loss")
             print(f"{key} ep {epoch}/{epochs} | loss {logs['loss']:.4f} ({terms}) | {n} ex, "
                   f"{speed:,.0f} ex/s | valid {fmt_metrics(valid)} | {time.time() - t0:.1f} s")
+            if extra:
+                print(f"{key} ep {epoch}/{epochs} | {fmt_diag(extra)}")
             if best is None or valid[cfg.select] > best[cfg.select]:
                 best, best_epoch, bad = valid, epoch, 0
                 best_state = copy.deepcopy(model.state_dict())
@@ -1066,7 +1159,7 @@ def train_base(cfg, ds, sids, device, bench_steps=0):
     model = new_model(cfg, sids, 0, device)
     opt = adamw(model, cfg.lr, cfg)
 
-    def step(hist, target, epoch):
+    def step(epoch, hist, target):
         y = output_seq(model, hist[:, None, :0], target[:, None])  # (B, 1, M+1): SID ; EOS
         lp, _ = teacher_forced(model, model.encode(hist), y)
         loss = ce_loss(token_logp(lp, y), model.choice.float())
@@ -1104,7 +1197,7 @@ def stage1_pretrain(cfg, ds, sids, device, bench_steps=0):
     # items (far to near), so stage 1 has exactly the stage-2 output layout.
     near = neighbours(sids["vectors"], max(1, math.ceil(l / model.M))).to(device)  # (N+1, k)
 
-    def step(hist, target, epoch):
+    def step(epoch, hist, target):
         prefix = model.item_tokens[near[target]].flatten(1)[:, :l]  # (B, q = l)
         y = output_seq(model, prefix[:, None], target[:, None])  # (B, 1, T)
         lp, _ = teacher_forced(model, model.encode(hist), y)
@@ -1119,6 +1212,18 @@ def stage1_pretrain(cfg, ds, sids, device, bench_steps=0):
 # -----------------------------------------------------------------------------
 # Stage 2: iterative-inference trace annotation (Spec §4.1-4.2) and fine-tuning (Spec §4.3)
 # -----------------------------------------------------------------------------
+# Reconstructed (Spec §4.2, its "alternative"; the paper: the iterative inference "annotates"
+# traces, "then this annotated data is used to fine-tune"): --annotate offline, in phases
+#   a. fit_annotator   on a FROZEN copy of the stage-1 model, fit MLP_r, MLP_s and the target
+#                      projection W with lambda_con L_con + lambda_quant L_quant (nothing else moves);
+#   b. annotate_all    label every training prefix once with it; store the traces (l small
+#                      integers per example, out/stage2_traces.pt);
+#   c. stage2_losses   fine-tune on the fixed [o ; SID ; EOS] data with the four losses, a share of
+#                      every batch with its SID trained after the model's OWN trace instead.
+# --annot-every E repeats a and b every E epochs from a frozen snapshot of the model being tuned.
+# --annotate online is the previous reconstruction: each batch labelled by the weights being
+# trained. CE then teaches the decoder its own labels, which moves the states that choose them,
+# and the traces collapsed within ~2 epochs (README, "The previous reconstruction").
 def annotation_states(model, d, t):
     """Spec §4.1 [P]: s_i = MLP_s(sum_{j=0..i} d_j) and r_i = MLP_r(t - s_{i-1}).
     d (B, l+1, D) decoder states at positions 0..l, t (B, D) -> s (B, l+1, D), r (B, l, D)."""
@@ -1127,27 +1232,139 @@ def annotation_states(model, d, t):
 
 
 @torch.no_grad()
-def stage2_annotate(model, memory, target):
+def stage2_annotate(model, memory, t, topk=0):
     """ALGO LOGIC: the l-step residual loop that labels a reasoning trace (Spec §4.1).
-    Returns o (B, l) token ids, s (B, l+1, D), r (B, l, D)."""
-    B, l = len(target), model.l
-    t = target_repr(model, target)  # (B, D)
+    t (B, D) target representations; topk > 0: o_i only among the model's own top-k tokens at
+    step i. Returns o (B, l) token ids, s (B, l+1, D), r (B, l, D), d (B, l+1, D)."""
+    B, l = t.shape[0], model.l
     # Reconstructed (Spec §4.2): o_i may be any code token of any level, nearest in L2 to r_i
     # against the shared embedding matrix; d_j = the decoder's output state at position j.
     codes = model.emb.weight[FIRST_CODE:]  # (C, D)
     # Reconstructed (Spec §4.2): d_0 = the decoder state at the start token, the "fast" guess.
-    d, cache = model.decode(memory, torch.full((B, 1, 1), BOS, device=target.device))
-    acc = d[:, 0, 0]  # (B, D) running sum of d_j
+    d, cache = model.decode(memory, torch.full((B, 1, 1), BOS, device=t.device))
+    states = [d[:, 0, 0]]  # d_j, (B, D) each
+    acc = states[0]  # running sum of d_j
     s, r, o = [model.mlp_s(acc)], [], []  # s_0 = MLP_s(d_0)
     for i in range(1, l + 1):
         r.append(model.mlp_r(t - s[-1]))  # r_i = MLP_r(t - s_{i-1})
-        o.append(torch.cdist(r[-1], codes).argmin(1) + FIRST_CODE)  # o_i = argmin_k ||c_k - r_i||
+        dist = torch.cdist(r[-1], codes)  # (B, C) ||c_k - r_i||
+        if topk:
+            # Reconstructed: "progressively refining the model's predictions" read as: step i
+            # picks among the k tokens the model itself ranks highest there (its own guesses),
+            # the residual choosing the one that moves its state toward the target. A free choice
+            # over all C codes is information the history does not hold (ce_think stayed near
+            # ln|C|); a choice among the model's own top k is one it can learn to make.
+            lp = model.log_probs(d, i - 1)[:, 0, 0, FIRST_CODE:]  # (B, C) its guess at step i
+            top = lp.topk(min(topk, lp.shape[1]), dim=1).indices  # (B, k)
+            dist = torch.full_like(dist, math.inf).scatter(1, top, dist.gather(1, top))
+        o.append(dist.argmin(1) + FIRST_CODE)  # o_i = argmin_k ||c_k - r_i||
         d, cache = model.decode(memory, o[-1].view(B, 1, 1), i, cache)  # read o_i -> d_i
+        states.append(d[:, 0, 0])
         acc = acc + d[:, 0, 0]
         s.append(model.mlp_s(acc))  # s_i = MLP_s(sum_{j<=i} d_j)
-    o = torch.stack(o, 1) if o else target.new_zeros(B, 0)
+    o = torch.stack(o, 1) if o else t.new_zeros(B, 0, dtype=torch.long)
     r = torch.stack(r, 1) if r else t.new_zeros(B, 0, t.shape[-1])
-    return o, torch.stack(s, 1), r
+    return o, torch.stack(s, 1), r, torch.stack(states, 1)
+
+
+def fit_annotator(cfg, annot, ds, device, gen):
+    """Stage 2a (Spec §4.1-4.3 [R]): the backbone of `annot` frozen, fit MLP_r, MLP_s (and the
+    target projection W of --target-repr feature) by lambda_con L_con + lambda_quant L_quant on the
+    traces the loop picks: --annot-epochs passes of --max-examples examples. Returns the mean terms."""
+    annot.eval().requires_grad_(False)
+    if not (cfg.annot_epochs and annot.l and (cfg.lambda_con or cfg.lambda_quant)):
+        return {}
+    mods = [annot.mlp_r, annot.mlp_s] + ([annot.target_proj] if cfg.target_repr == "feature" else [])
+    params = [p for m in mods for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sums, n = {}, 0
+    for _ in range(cfg.annot_epochs):
+        seen = 0
+        for hist, target in data.train_batches(ds.train, cfg.max_len, cfg.batch_size, pairs=True,
+                                               device=device, generator=gen):
+            with torch.no_grad():
+                memory = annot.encode(hist)
+            t = target_repr(annot, target, cfg.target_repr)  # (B, D), W trainable
+            o, _, _, d = stage2_annotate(annot, memory, t.detach(), cfg.trace_topk)
+            s, r = annotation_states(annot, d, t)  # the loop's s_i, r_i, now with gradient
+            con = info_nce(s[:, 1:], t, target, cfg.tau_con)  # L_con (Spec §4.3.2)
+            quant = quant_loss(r, annot.emb(o), cfg.quant_beta)  # L_quant (Spec §4.3.3)
+            update(annot, opt, cfg.lambda_con * con + cfg.lambda_quant * quant, cfg, "stage2")
+            for name, v in (("con", con), ("quant", quant)):
+                sums[name] = sums.get(name, 0.0) + float(v.detach()) * len(target)
+            n, seen = n + len(target), seen + len(target)
+            if cfg.max_examples and seen >= cfg.max_examples:
+                break
+    annot.requires_grad_(False)
+    return {name: v / max(n, 1) for name, v in sums.items()}
+
+
+@torch.no_grad()
+def annotate_all(cfg, annot, direct, ds, device):
+    """Stage 2b: label EVERY training prefix once with the frozen annotator. The store: traces
+    (P, l) int16 token ids, row = the position of the example's target in ds.train.items (-1
+    where no example ends); gain (P,) = log P(SID ; EOS | x, o) under the annotator minus log P(SID ;
+    EOS | x) under the direct model (nan without one); keep (P,) bool (--annot-keep); stats."""
+    annot.eval()
+    l, P = annot.l, len(ds.train.items)
+    if annot.emb.num_embeddings >= 2**15:
+        raise RunError(f"{annot.emb.num_embeddings} tokens do not fit the int16 trace store; lower "
+                       f"--codebook-size or --levels")
+    traces = torch.full((P, l), -1, dtype=torch.int16)
+    gain, has = torch.full((P,), math.nan), torch.zeros(P, dtype=torch.bool)
+    hits = 0  # trace tokens that are one of the target's own SID tokens ("the trace spells it")
+    for hist, target, pos in data.train_batches(ds.train, cfg.max_len, max(cfg.batch_size, cfg.eval_batch),
+                                                pairs=True, device=device, positions=True):
+        memory = annot.encode(hist)
+        o = stage2_annotate(annot, memory, target_repr(annot, target, cfg.target_repr), cfg.trace_topk)[0]
+        p = pos.cpu()
+        traces[p], has[p] = o.short().cpu(), True
+        hits += int((o[:, :, None] == annot.item_tokens[target][:, None, :]).any(-1).sum())
+        if direct is not None:
+            slow = sid_logp(annot, memory, o[:, None], target[:, None])[:, 0]  # (B,)
+            fast = sid_logp(direct, direct.encode(hist), o[:, None, :0], target[:, None])[:, 0]
+            gain[p] = (slow - fast).float().cpu()
+    # Reconstructed (--annot-keep gain): "suitable" traces are those that help; an example whose
+    # annotated trace makes the target less likely than the direct model does trains on its own trace.
+    keep = gain > 0 if cfg.annot_keep == "gain" else has.clone()
+    keep &= has
+    n = int(has.sum())
+    tok = traces[has].long().flatten()
+    p_ = torch.bincount(tok, minlength=annot.emb.num_embeddings).float() / max(tok.numel(), 1)
+    stats = dict(examples=n, o_ppl=float(torch.exp(-(p_[p_ > 0] * p_[p_ > 0].log()).sum())),
+                 distinct=int((p_ > 0).sum()), in_target=hits / max(n * l, 1),
+                 gain=float(gain[has].nanmean()) if direct is not None else None,
+                 gain_pos=float((gain[has] > 0).float().mean()) if direct is not None else None,
+                 kept=int(keep.sum()) / max(n, 1))
+    return dict(traces=traces, keep=keep, gain=gain, stats=stats)
+
+
+def traces_path(cfg):
+    return os.path.join(cfg.out, "stage2_traces.pt")
+
+
+def annotation_round(cfg, model, direct, ds, device, gen, epoch):
+    """Phases a + b on a frozen snapshot of `model` (at epoch 1: the stage-1 model); the fitted
+    MLP_r, MLP_s and W are copied into `model`. Saves out/stage2_traces.pt; returns the store."""
+    t0 = time.time()
+    annot = copy.deepcopy(model)
+    fitted = fit_annotator(cfg, annot, ds, device, gen)
+    for name in ("mlp_r", "mlp_s", "target_proj"):
+        if hasattr(model, name):
+            getattr(model, name).load_state_dict(getattr(annot, name).state_dict())
+    store = annotate_all(cfg, annot, direct, ds, device)
+    store.update(epoch=epoch, fit=fitted, config=dataclasses.asdict(cfg), s=round(time.time() - t0, 1))
+    save_atomic(store, traces_path(cfg))
+    st = store["stats"]
+    fit_txt = " ".join(f"{k} {v:.4f}" for k, v in fitted.items()) or "skipped"
+    gain_txt = "" if st["gain"] is None else (f" | gain over direct {st['gain']:+.3f} nats "
+                                              f"(> 0 for {100 * st['gain_pos']:.0f} %)")
+    print(f"stage2 annotation (epoch {epoch}): fit {fit_txt} | {st['examples']} prefixes | o_ppl "
+          f"{st['o_ppl']:.1f}, {st['distinct']} tokens, {100 * st['in_target']:.0f} % of them the "
+          f"target's own codes{gain_txt} | kept {100 * st['kept']:.0f} % | {store['s']} s")
+    return store
 
 
 @torch.no_grad()
@@ -1161,72 +1378,169 @@ def direct_negatives(direct, hist, target, n_items, gen):
     return torch.where((pred == target) | (pred == 0), other, pred)
 
 
-def stage2_sft(cfg, ds, sids, device, bench_steps=0):
-    """Stage 2: annotate traces online, then train on them with
-    L = CE + l_con L_con + l_quant L_quant + l_dpo L_DPO + l_usage L_usage."""
-    if bench_steps:  # --benchmark: fresh weights cost the same time
-        model, direct = new_model(cfg, sids, cfg.trace_len, device), new_model(cfg, sids, 0, device)
-    else:
-        model, _ = load_stage(cfg, "stage1", sids, device, "stage 2")  # Spec §3.4: stage 1 inits
-        direct = load_stage(cfg, "base", sids, device, "stage 2 (DPO)")[0] if cfg.lambda_dpo else None
-    if direct is not None:  # frozen, no dropout
-        direct.eval().requires_grad_(False)
-    # Reconstructed: the DPO reference is the policy frozen at the start of stage 2 (= stage 1).
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = adamw(model, cfg.sft_lr, cfg)
-    gen = torch.Generator(device=device).manual_seed(stage_seed(cfg, "stage2"))
-    l = model.l
+def stage2_losses(cfg, model, direct, ref, hist, target, o_ann, self_rows, neg=None, warm=False):
+    """Spec §4.3: one batch of L = L_SFT + l_con L_con + l_quant L_quant + l_dpo L_DPO (+ l_usage L_usage).
 
-    def step(hist, target, epoch):
-        memory = model.encode(hist)
-        # ALGO LOGIC: online annotation (Spec §4.2 [R]), decoder dropout off: the labels are the
-        # current model's own inference; the losses use the training pass below.
-        model.eval()
-        frozen = dict(kv=[(k.detach(), v.detach()) for k, v in memory["kv"]], mask=memory["mask"])
-        o = stage2_annotate(model, frozen, target)[0]  # (B, l)
-        model.train()
-        y = output_seq(model, o[:, None], target[:, None])  # (B, 1, T) = [o ; SID ; EOS]
-        lp, d = teacher_forced(model, memory, y)
-        tok = token_logp(lp, y)  # (B, 1, T)
-        # Reconstructed (Spec §4.3 stability tip): the first sft_warmup epochs train CE on the
-        # target tokens only; labels from untrained MLPs are noise.
-        weight = model.choice.float().clone()
-        if epoch <= cfg.sft_warmup:
-            weight[:l] = 0
-        ce = ce_loss(tok, weight)  # L_SFT (Spec §4.3.1)
-        sid_w = model.choice.float().clone()
-        sid_w[:l] = 0  # diagnostics: the CE of the thinking tokens and of the SID tokens apart
-        ce_sid, ce_think = ce_loss(tok, sid_w).detach(), ce_loss(tok, model.choice.float() - sid_w).detach()
-        # Note: causal decoding makes d_j of this pass the states the loop saw (up to dropout).
-        t = target_repr(model, target)
-        s, r = annotation_states(model, d[:, 0, :l + 1], t)
-        con = info_nce(s[:, 1:], t, target, cfg.tau_con)  # L_con (Spec §4.3.2), steps 1..l
-        quant = quant_loss(r, model.emb(o), cfg.quant_beta)  # L_quant (Spec §4.3.3)
-        # Reconstructed: without this term the self-labelled traces collapse to one or two
-        # tokens within ~2 epochs (CE teaches the decoder its own labels, which moves the
-        # states that choose them); README "Stage 2 and trace collapse".
-        usage = usage_loss(r, model.emb.weight[FIRST_CODE:])
-        dpo = acc = torch.zeros((), device=device)
-        if cfg.lambda_dpo:  # L_DPO (Spec §4.3.4): chosen [o ; target], rejected [o ; direct's miss]
-            neg = direct_negatives(direct, hist, target, ds.n_items, gen)
+    o_ann (B, l): annotated traces (None: label them now with the current weights, --annotate
+    online). self_rows (B,) bool: these rows are trained after the model's OWN greedy trace, CE on
+    their SID and EOS only; the others on [o_ann ; SID ; EOS] with every loss. neg (B,): DPO's
+    rejected item. warm: CE skips the thinking tokens (--sft-warmup). Returns (loss, {term: value})."""
+    B, l = len(target), model.l
+    memory = model.encode(hist)
+    frozen = dict(kv=[(k.detach(), v.detach()) for k, v in memory["kv"]], mask=memory["mask"])
+    t = target_repr(model, target, cfg.target_repr).detach()  # (B, D)
+    training = model.training
+    model.eval()  # the traces are the model's inference: decoder dropout off
+    o_self = greedy_trace(model, frozen)  # (B, l) what the model writes from the history alone
+    if o_ann is None:  # ALGO LOGIC: online annotation (previous reconstruction)
+        o_ann = stage2_annotate(model, frozen, t, cfg.trace_topk)[0]
+    model.train(training)
+    # ALGO LOGIC: no exposure gap. At inference the SID follows the model's own trace, so part of
+    # every batch trains the SID after exactly that trace (its thinking tokens get no CE: training
+    # a model on its own guesses is what collapsed the online traces).
+    o = torch.where(self_rows[:, None], o_self, o_ann)  # (B, l)
+    y = output_seq(model, o[:, None], target[:, None])  # (B, 1, T) = [o ; SID ; EOS]
+    lp, d = teacher_forced(model, memory, y)
+    tok = token_logp(lp, y)  # (B, 1, T)
+    think = torch.arange(model.T, device=hist.device) < l  # (T,) the thinking positions
+    w = model.choice.float().expand(B, -1).clone()  # (B, T)
+    w[self_rows[:, None] & think] = 0
+    if warm:  # Reconstructed (Spec §4.3 stability tip, --sft-warmup): CE on the SID tokens only
+        w[:, think] = 0
+    ce = ce_loss(tok, w[:, None])  # L_SFT (Spec §4.3.1)
+    logs = {}
+    ann, own = ~self_rows, self_rows
+    sid_w = model.choice.float() * ~think  # (T,)
+    for name, rows, cols in (("ce_think", ann, model.choice.float() * think), ("ce_sid", ann, sid_w),
+                             ("ce_sid_own", own, sid_w)):
+        if rows.any() and cols.any():  # diagnostics: the CE of the thinking and SID tokens apart
+            logs[name] = ce_loss(tok[rows], cols).detach()
+    zero = tok.sum() * 0
+    con = quant = usage = zero
+    if ann.any() and l:  # the annotation losses on the rows with an annotated trace
+        s, r = annotation_states(model, d[ann, 0, :l + 1], t[ann])
+        con = info_nce(s[:, 1:], t[ann], target[ann], cfg.tau_con)  # L_con (Spec §4.3.2), steps 1..l
+        quant = quant_loss(r, model.emb(o_ann[ann]), cfg.quant_beta)  # L_quant (Spec §4.3.3)
+        if cfg.lambda_usage:  # Reconstructed (previous): code-usage penalty against collapse
+            usage = usage_loss(r, model.emb.weight[FIRST_CODE:])
+    empty = o[:, None, :0]
+    direct_lp = None
+    if direct is not None:
+        with torch.no_grad():
+            dmem = direct.encode(hist)
+            direct_lp = sid_logp(direct, dmem, empty, target[:, None])[:, 0]  # (B,) log P_direct(target)
+        if own.any():  # the target after the model's own trace vs. the direct answer (nats)
+            logs["lik_gain"] = (tok[own, 0, l:].sum(-1) - direct_lp[own]).mean().detach()
+    dpo = acc = zero
+    if cfg.lambda_dpo:
+        if cfg.dpo_form == "direct":
+            # Reconstructed (Spec §4.3.4, "contrast with the direct recommender"): the slow answer,
+            # chosen y_w = [o ; target], against the direct model's answer behind the model's own
+            # trace, rejected y_l = [own trace ; direct's wrong top-1]; reference = the direct model
+            # on the SID tokens (it writes no trace). The traces differ, so the trace is trained too.
+            y_l = output_seq(model, o_self[:, None], neg[:, None])
+            with torch.no_grad():
+                ref_w, ref_l = direct_lp, sid_logp(direct, dmem, empty, neg[:, None])[:, 0]
+        else:  # shared (previous): [o ; target] vs [o ; direct's miss], reference = stage-2 start
             y_l = output_seq(model, o[:, None], neg[:, None])
-            pol_l = token_logp(teacher_forced(model, memory, y_l)[0], y_l).sum((1, 2))
             with torch.no_grad():
                 rmem = ref.encode(hist)
                 ref_w = token_logp(teacher_forced(ref, rmem, y)[0], y).sum((1, 2))
                 ref_l = token_logp(teacher_forced(ref, rmem, y_l)[0], y_l).sum((1, 2))
-            dpo, acc = dpo_loss(tok.sum((1, 2)), pol_l, ref_w, ref_l, cfg.beta_dpo)
-        loss = ce + cfg.lambda_con * con + cfg.lambda_quant * quant + cfg.lambda_dpo * dpo + \
-            cfg.lambda_usage * usage
-        update(model, opt, loss, cfg, "stage2")
-        # Spec §4.3 tip: watch code usage. Perplexity of the batch's o_i histogram, 1 = collapse.
-        p = torch.bincount(o.flatten(), minlength=model.emb.num_embeddings).float() / max(o.numel(), 1)
-        ppl = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
-        return dict(loss=loss, ce=ce, ce_think=ce_think, ce_sid=ce_sid, con=con, quant=quant,
-                    usage=usage, dpo=dpo, dpo_acc=acc, o_ppl=ppl)
+        pol_l = token_logp(teacher_forced(model, memory, y_l)[0], y_l).sum((1, 2))
+        dpo, acc = dpo_loss(tok.sum((1, 2)), pol_l, ref_w, ref_l, cfg.beta_dpo)  # L_DPO
+    loss = ce + cfg.lambda_con * con + cfg.lambda_quant * quant + cfg.lambda_dpo * dpo + \
+        cfg.lambda_usage * usage
+    # Spec §4.3 tip: watch code usage. Perplexity of the batch's annotated o_i, 1 = collapse.
+    p = torch.bincount(o_ann.flatten(), minlength=model.emb.num_embeddings).float() / max(o_ann.numel(), 1)
+    logs.update(ce=ce, con=con, quant=quant, dpo=dpo, dpo_acc=acc, own=self_rows.float().mean(),
+                o_ppl=torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+    if cfg.lambda_usage:
+        logs["usage"] = usage
+    return loss, logs
 
+
+def stage2_sft(cfg, ds, sids, device, bench_steps=0):
+    """Stage 2: annotate traces (offline: once, with the frozen stage-1 model; online: every
+    batch), then fine-tune on them with stage2_losses."""
+    need_direct = bool(cfg.lambda_dpo) or cfg.annot_keep == "gain"
+    if bench_steps:  # --benchmark: fresh weights cost the same time
+        model, direct = new_model(cfg, sids, cfg.trace_len, device), new_model(cfg, sids, 0, device)
+    else:
+        model, _ = load_stage(cfg, "stage1", sids, device, "stage 2")  # Spec §3.4: stage 1 inits
+        direct = None  # the direct model: DPO, --annot-keep gain, and the own-trace diagnostics
+        if need_direct or os.path.exists(ckpt_path(cfg, "base")):
+            direct = load_stage(cfg, "base", sids, device, "stage 2 (DPO, --annot-keep gain)")[0]
+    if direct is not None:  # frozen, no dropout
+        direct.eval().requires_grad_(False)
+    # Reconstructed: the reference of --dpo-form shared is the policy frozen at the start of stage 2.
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.lambda_dpo and cfg.dpo_form == "shared" else None
+    opt = adamw(model, cfg.sft_lr, cfg)
+    gen = torch.Generator(device=device).manual_seed(stage_seed(cfg, "stage2"))
+    annot_gen = torch.Generator().manual_seed(stage_seed(cfg, "stage2") + 1)  # the annotator's data order
+    offline, state = cfg.annotate == "offline", dict(store=None, rounds=set())
+    if offline and bench_steps:  # random stored traces: the fine-tuning step costs the same
+        P = len(ds.train.items)
+        state["store"] = dict(traces=torch.randint(FIRST_CODE, model.emb.num_embeddings, (P, model.l),
+                                                   dtype=torch.int16), keep=torch.ones(P, dtype=torch.bool))
+    elif offline:
+        if cfg.resume and os.path.exists(last_path(cfg, "stage2")) and os.path.exists(traces_path(cfg)):
+            store = load_file(traces_path(cfg), ("traces", "keep", "config"))
+            if all(store["config"].get(k) == v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY):
+                state["store"] = store
+                print(f"stage2: the traces of epoch {store['epoch']} read from {traces_path(cfg)}")
+        if state["store"] is None:
+            state["store"] = annotation_round(cfg, model, direct, ds, device, annot_gen, 1)
+
+    def step(epoch, hist, target, pos):
+        if offline and cfg.annot_every and epoch > 1 and (epoch - 1) % cfg.annot_every == 0 and \
+                epoch not in state["rounds"]:  # re-annotate from a frozen snapshot of the model
+            state["rounds"].add(epoch)
+            state["store"] = annotation_round(cfg, model, direct, ds, device, annot_gen, epoch)
+        B = len(target)
+        o_ann, keep = None, torch.ones(B, dtype=torch.bool, device=device)
+        if offline:  # the stored traces: the same ones every epoch
+            o_ann = state["store"]["traces"][pos.cpu()].long().to(device)
+            keep = state["store"]["keep"][pos.cpu()].to(device)
+        self_rows = (torch.rand(B, generator=gen, device=device) < cfg.self_trace_frac) | ~keep
+        neg = direct_negatives(direct, hist, target, ds.n_items, gen) if cfg.lambda_dpo else None
+        loss, logs = stage2_losses(cfg, model, direct, ref, hist, target, o_ann, self_rows, neg,
+                                   warm=epoch <= cfg.sft_warmup)
+        update(model, opt, loss, cfg, "stage2")
+        return dict(loss=loss, **logs)
+
+    diag = (lambda m: trace_diagnostics(cfg, m, direct, ds.valid, device)) if direct is not None else None
     return fit(cfg, "stage2", model, step, ds, sids, device, cfg.batch_size, cfg.epochs,
-               cfg.max_examples, bench_steps, opt=opt, rngs=[gen])
+               cfg.max_examples, bench_steps, opt=opt, rngs=[gen, annot_gen], diag=diag,
+               batches=lambda g: data.train_batches(ds.train, cfg.max_len, cfg.batch_size, pairs=True,
+                                                    device=device, generator=g, positions=True))
+
+
+@torch.no_grad()
+def trace_diagnostics(cfg, model, direct, split, device, n=1024):
+    """Per epoch, on the first n cases of a split (logged, never used for selection): the target's
+    log-likelihood log P(SID ; EOS | x, o) after the model's OWN greedy trace o, the direct model's
+    log P(SID ; EOS | x), their difference (> 0: the model's own thinking helps), and ln|C|."""
+    model.eval()
+    rows = np.arange(min(n, len(split)))
+    sums = dict(ll_own=0.0, ll_direct=0.0)
+    for b in range(0, len(rows), cfg.eval_batch):
+        r = rows[b:b + cfg.eval_batch]
+        hist = torch.from_numpy(data.windows(split.items, split.starts[r], split.ends[r], cfg.max_len)).to(device)
+        target = torch.from_numpy(split.targets[r]).to(device)
+        memory = model.encode(hist)
+        o = greedy_trace(model, memory)[:, None]  # (B, 1, l)
+        sums["ll_own"] += float(sid_logp(model, memory, o, target[:, None]).sum())
+        sums["ll_direct"] += float(sid_logp(direct, direct.encode(hist), o[..., :0], target[:, None]).sum())
+    out = {k: v / max(len(rows), 1) for k, v in sums.items()}
+    return out | dict(ll_gain=out["ll_own"] - out["ll_direct"], ln_C=math.log(model.emb.num_embeddings - FIRST_CODE),
+                      ln_k=math.log(cfg.trace_topk) if cfg.trace_topk else None)
+
+
+def fmt_diag(x):
+    k = f", ln k {x['ln_k']:.2f}" if x.get("ln_k") is not None else ""
+    return (f"valid[:1024] log P(target | own greedy trace) {x['ll_own']:.3f} vs direct {x['ll_direct']:.3f} "
+            f"({x['ll_gain']:+.3f} nats) | ce_think at chance: ln|C| {x['ln_C']:.2f}{k}")
 
 
 # -----------------------------------------------------------------------------
@@ -1247,31 +1561,53 @@ def sample(model, memory, W, temp, gen):
 
 
 @torch.no_grad()
-def stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, n_items, gen):
-    """Spec §4b: the five reward terms of every rollout, (B, G, 5). Formulas are [R]."""
+def rank_negatives(cfg, direct, hist, target, pop, gen):
+    """Spec §4b.5 [R]: the ranking reward's --rank-negs negatives (B, n), never the target.
+    direct: the direct model's beams (the items it would recommend: hard), popular items fill
+    the slots its beams leave; popular: drawn in proportion to training popularity; random."""
+    B, n = len(target), cfg.rank_negs
+    if cfg.rank_negs_from == "random":
+        return random_other(target, len(pop) - 1, (n,), gen)
+    fill = torch.multinomial(pop.expand(B, -1), n, replacement=True, generator=gen)  # (B, n)
+    fill = torch.where(fill == target[:, None], random_other(target, len(pop) - 1, (n,), gen), fill)
+    if cfg.rank_negs_from == "popular":
+        return fill
+    items = beams_to_items(direct, *beam_search(direct, hist, n + 1))[0]  # (B, n+1) ranked, PAD = empty
+    items = items.masked_fill(items == target[:, None], PAD_TOK)
+    items = items.gather(1, torch.argsort((items == PAD_TOK).long(), dim=1, stable=True))[:, :n]
+    return torch.where(items == PAD_TOK, fill[:, :items.shape[1]], items)
+
+
+@torch.no_grad()
+def stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, t, negs=None):
+    """Spec §4b: the five reward terms of every rollout, (B, G, 5). Formulas are [R].
+    t (B, D): target representations; negs (B, n): the ranking reward's negatives."""
     B, G, T = y.shape
     l, M = policy.l, policy.M
     sid, tgt = y[..., l:l + M], policy.item_tokens[target][:, None]  # (B, G, M), (B, 1, M)
     valid = (policy.tokens_to_items(sid) > 0) & (y[..., l + M] == EOS)
     # Reconstructed: the note names the five rewards; every formula below is ours (Spec §4b).
     fmt = -(~valid).float()  # 1. format: -1 unless the output parses to an item
-    match = (sid == tgt).long().cumprod(-1).sum(-1) / M  # 2. exact-match prefix / M, 1 = hit
-    t = target_repr(policy, target)[:, None]  # (B, 1, D)
-    sim = F.cosine_similarity(policy.mlp_s(d[:, :, :l + 1].sum(2)), t, dim=-1)  # 3. cos(s_l, t)
+    eq = sid == tgt  # (B, G, M)
+    if cfg.match_reward == "prefix":  # 2. exact-match: leading codes right / M, 1 = hit
+        match = eq.long().cumprod(-1).sum(-1) / M
+    elif cfg.match_reward == "level":  # partial credit per level: codes right at any level / M
+        match = eq.float().mean(-1)
+    else:  # exact: 1 on a hit only
+        match = eq.all(-1).float()
+    sim = F.cosine_similarity(policy.mlp_s(d[:, :, :l + 1].sum(2)), t[:, None], dim=-1)  # 3. cos(s_l, t)
     lik, rank = torch.zeros_like(fmt), torch.zeros_like(fmt)
     if cfg.w_lik or cfg.w_rank:
         # Candidates [target, negatives] scored by log P(SID ; EOS | x, sampled trace): one
         # teacher-forced pass over (B, G*C) sequences sharing each rollout's trace.
-        C = 1 + (cfg.rank_negs if cfg.w_rank else 0)
-        cand = torch.cat([target[:, None], random_other(target, n_items, (C - 1,), gen)], 1)  # (B, C)
-        trace = y[..., None, :l].expand(B, G, C, l)
-        seq = output_seq(policy, trace, cand[:, None].expand(B, G, C)).flatten(1, 2)  # (B, G*C, T)
-        score = token_logp(teacher_forced(policy, memory, seq)[0], seq)[..., l:].sum(-1).view(B, G, C)
+        cand = target[:, None] if negs is None else torch.cat([target[:, None], negs], 1)  # (B, C)
+        C = cand.shape[1]
+        trace = y[..., None, :l].expand(B, G, C, l).flatten(1, 2)  # (B, G*C, l)
+        score = sid_logp(policy, memory, trace, cand[:, None].expand(B, G, C).flatten(1)).view(B, G, C)
         if cfg.w_lik:  # 4. thinking likelihood vs. answering directly, tanh-squashed
-            y0 = output_seq(direct, hist[:, None, :0], target[:, None])  # (B, 1, M+1)
-            direct_lp = token_logp(teacher_forced(direct, direct.encode(hist), y0)[0], y0).sum((1, 2))
-            lik = torch.tanh((score[..., 0] - direct_lp[:, None]) / M)
-        if cfg.w_rank:  # 5. rank of the target among N uniform random negatives: 1 - (rank-1)/N
+            direct_lp = sid_logp(direct, direct.encode(hist), y[:, :1, :0], target[:, None])  # (B, 1)
+            lik = torch.tanh((score[..., 0] - direct_lp) / M)
+        if cfg.w_rank and C > 1:  # 5. rank of the target among the negatives: 1 - (rank-1)/N
             rank = 1 - (score[..., 1:] >= score[..., :1]).float().sum(-1) / (C - 1)  # ties count against
     return torch.stack([fmt, match, sim, lik, rank], -1)
 
@@ -1279,14 +1615,27 @@ def stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, n_items, gen
 REWARDS = ("format", "match", "sim", "lik", "rank")
 
 
+def user_batches(train, maxlen, batch_size, device, gen):
+    """One example per user (at least 2 training items), shuffled: the training prefix ->
+    the user's last training item. Yields histories (B, L), targets (B,)."""
+    rows = np.flatnonzero(train.lengths() >= 2)
+    rows = rows[torch.randperm(len(rows), generator=gen).numpy()]
+    for b in range(0, len(rows), batch_size):
+        r = rows[b:b + batch_size]
+        hist = data.windows(train.items, train.starts[r], train.ends[r] - 1, maxlen)  # (B, L)
+        yield torch.from_numpy(hist).to(device), torch.from_numpy(train.items[train.ends[r] - 1]).to(device)
+
+
 def stage3_rl(cfg, ds, sids, device, bench_steps=0):
     """Stage 3: GRPO from the stage-2 model, KL-anchored to a frozen copy of it (Spec §4b)."""
+    need_direct = bool(cfg.w_lik) or (bool(cfg.w_rank) and cfg.rank_negs_from == "direct")
     if bench_steps:
         policy, direct = new_model(cfg, sids, cfg.trace_len, device), new_model(cfg, sids, 0, device)
     else:
         policy, _ = load_stage(cfg, "stage2", sids, device, "stage 3")
-        direct = load_stage(cfg, "base", sids, device, "stage 3 (likelihood reward)")[0] \
-            if cfg.w_lik else None
+        direct = None
+        if need_direct or os.path.exists(ckpt_path(cfg, "base")):
+            direct = load_stage(cfg, "base", sids, device, "stage 3 (likelihood reward, direct negatives)")[0]
     if direct is not None:  # frozen, no dropout
         direct.eval().requires_grad_(False)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -1294,17 +1643,21 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
     gen = torch.Generator(device=device).manual_seed(stage_seed(cfg, "stage3"))
     w = torch.tensor([cfg.w_format, cfg.w_match, cfg.w_sim, cfg.w_lik, cfg.w_rank], device=device)
     weight = policy.choice.float()  # tokens with a real choice carry the policy gradient
+    pop = torch.bincount(torch.from_numpy(ds.train.items), minlength=ds.n_items + 1).float().to(device)
+    pop[PAD_TOK] = 0  # (N+1,) training popularity, for the popular negatives
 
     def tempered(lp):  # (B, G, T, V) log-probs of the distribution the rollouts are sampled from
         return lp if cfg.rl_temp == 1 else (lp / cfg.rl_temp).log_softmax(-1)
 
-    def step(hist, target, epoch):
+    def step(epoch, hist, target, *_):
         # Note: every RL pass runs without dropout, so rho and the KL compare the same function.
         policy.eval()
         with torch.no_grad():  # ALGO LOGIC: rollouts, rewards and advantages (Spec §4b)
             memory = policy.encode(hist)
             y, d = sample(policy, memory, cfg.group_size, cfg.rl_temp, gen)  # (B, G, T)
-            rewards = stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, ds.n_items, gen)
+            negs = rank_negatives(cfg, direct, hist, target, pop, gen) if cfg.w_rank else None
+            t = target_repr(policy, target, cfg.target_repr).detach()
+            rewards = stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, t, negs)
             R = rewards @ w  # (B, G) total reward sum_k w_k r_k
             adv = group_advantages(R)  # (B, G)
             old_lp = token_logp(tempered(teacher_forced(policy, memory, y)[0]), y)  # (B, G, T) pi_old
@@ -1322,8 +1675,13 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
         return dict(loss=loss, reward=R.mean(), **logs, kl=st["kl"], clip_frac=st["clip_frac"],
                     entropy=(ent * weight).sum() / (weight.sum() * y[..., 0].numel()))
 
+    # Reconstructed (Spec §4b: "1-3 epochs over the training users"): --rl-data users draws one
+    # history per user; --rl-max-examples 0 covers all of them every epoch.
+    batches = (lambda g: user_batches(ds.train, cfg.max_len, cfg.rl_batch, device, g)) \
+        if cfg.rl_data == "users" else None
+    diag = (lambda m: trace_diagnostics(cfg, m, direct, ds.valid, device)) if direct is not None else None
     return fit(cfg, "stage3", policy, step, ds, sids, device, cfg.rl_batch, cfg.rl_epochs,
-               cfg.rl_max_examples, bench_steps, opt=opt, rngs=[gen])
+               cfg.rl_max_examples, bench_steps, opt=opt, rngs=[gen], batches=batches, diag=diag)
 
 
 # -----------------------------------------------------------------------------
@@ -1353,18 +1711,24 @@ def beam_search(model, hist, beam, greedy_trace=False):
     return seqs, score
 
 
-def beams_to_items(model, seqs, score):
-    """Beams -> ranked item ids (B, W): invalid SIDs dropped, an item's later (worse) beams
-    merged into its best one, and the gaps moved to the end as PAD (= empty slot)."""
+def beams_to_items(model, seqs, score, merge="max"):
+    """Beams (B, W, T) with log-probs (B, W), best first -> ranked item ids (B, W): invalid SIDs
+    dropped, the beams of one item merged, the gaps moved to the end as PAD (= empty slot).
+    merge max: an item keeps its best beam's score. lse: log sum_beams exp(score), i.e.
+    log sum_o P(o, SID | x) over the traces o in the beam, the item's marginal probability."""
     l, M = model.l, model.M
     items = model.tokens_to_items(seqs[..., l:l + M])  # (B, W)
     items = torch.where((seqs[..., l + M] == EOS) & torch.isfinite(score), items, 0)
     invalid = int(((items == 0) & torch.isfinite(score)).sum())
-    # Reconstructed (Spec §2.5): beams of one item collapse onto the best one (max, not sum).
-    dup = torch.triu(items[:, :, None] == items[:, None, :], diagonal=1).any(1)  # seen before
-    items = torch.where(dup, 0, items)
-    order = torch.argsort((items == 0).long(), dim=1, stable=True)  # keeps the score order
-    return items.gather(1, order), invalid
+    same = (items[:, :, None] == items[:, None, :]) & (items[:, :, None] > 0)  # (B, W, W)
+    dup = torch.triu(same, diagonal=1).any(1)  # (B, W) an earlier (better) beam has this item
+    # Reconstructed (Spec §2.5): beams of one item collapse onto the best one (max). The trace is
+    # a latent variable, so --merge lse adds the item's beams up instead (with beam search over
+    # trace + SID, max ranks an item by one trace only and spends the width on its variants).
+    total = score if merge == "max" else torch.logsumexp(score[:, None, :].masked_fill(~same, -math.inf), -1)
+    key = total.masked_fill(dup | (items == 0), -math.inf)  # (B, W) one entry per item
+    order = torch.argsort(-key, dim=1, stable=True)  # best item first, ties keep beam order
+    return torch.where(dup, 0, items).gather(1, order), invalid
 
 
 def evaluate_split(cfg, model, split, beam, device):
@@ -1376,7 +1740,7 @@ def evaluate_split(cfg, model, split, beam, device):
 
     def score_fn(hist):
         seqs, score = beam_search(model, hist, beam, cfg.trace_decode == "greedy")
-        items, invalid = beams_to_items(model, seqs, score)
+        items, invalid = beams_to_items(model, seqs, score, cfg.merge)
         usage.index_add_(0, seqs[:, 0, :model.l].flatten(), torch.ones(hist.shape[0] * model.l, device=device))
         count["invalid"] += invalid
         count["beams"] += int(torch.isfinite(score).sum())
@@ -1422,6 +1786,60 @@ def benchmark(cfg, ds, sids, device, keys):
     return out
 
 
+def resolve_budget(cfg, ds):
+    """--epochs 0, --max-examples -1 and --rl-max-examples -1 (auto): the small budget of the
+    built-in synthetic demo (a few CPU-minutes), full epochs with early stopping on real data."""
+    demo = cfg.dataset == "synthetic"
+    if cfg.epochs == 0:
+        cfg.epochs = 3 if demo else 50
+    if cfg.max_examples < 0:
+        cfg.max_examples = 8192 if demo else 0
+    if cfg.rl_max_examples < 0:
+        cfg.rl_max_examples = 512 if demo else 0
+    n = int(ds.stats["train_targets"])
+    users = int((ds.train.lengths() >= 2).sum())
+    rl_n = users if cfg.rl_data == "users" else n
+    print(f"budget: base / stage 1 / stage 2 up to {cfg.epochs} epochs x "
+          f"{min(cfg.max_examples or n, n):,} of {n:,} training prefixes; stage 3 {cfg.rl_epochs} epochs x "
+          f"{min(cfg.rl_max_examples or rl_n, rl_n):,} of {rl_n:,} {'users' if cfg.rl_data == 'users' else 'prefixes'}; "
+          f"early stopping after {cfg.patience} epochs without a better valid {cfg.select}"
+          + (" (auto: the synthetic demo's small budget)" if demo else ""))
+
+
+def estimate_time(cfg, ds, sids, device, keys):
+    """Print the expected wall time of each stage before training: two timed steps of every stage
+    (fresh weights cost the same), one timed decoding batch, and the budget. An upper bound:
+    early stopping can end a stage sooner."""
+    n = int(ds.stats["train_targets"])
+    users = int((ds.train.lengths() >= 2).sum())
+    hist = torch.from_numpy(data.windows(ds.valid.items, ds.valid.starts[:cfg.eval_batch],
+                                         ds.valid.ends[:cfg.eval_batch], cfg.max_len)).to(device)
+    per_case = {}
+    for l in sorted({0, cfg.trace_len}):  # seconds per validation case, beam --beam-valid
+        model, t0 = new_model(cfg, sids, l, device), time.time()
+        beam_search(model, hist, cfg.beam_valid, cfg.trace_decode == "greedy")
+        per_case[l] = (time.time() - t0) / len(hist)
+    model, t0 = new_model(cfg, sids, cfg.trace_len, device), time.time()
+    stage2_annotate(model, model.encode(hist), target_repr(model, torch.from_numpy(
+        ds.valid.targets[:cfg.eval_batch]).to(device), cfg.target_repr), cfg.trace_topk)
+    annot_s = (time.time() - t0) / len(hist)  # seconds per annotated prefix (fit: ~2x)
+    total, parts = 0.0, []
+    for key in keys:
+        rate = STAGE_FNS[key](cfg, ds, sids, device, 2)["examples_per_s"]
+        l = 0 if key == "base" else cfg.trace_len
+        epochs, ex = (cfg.rl_epochs, min(cfg.rl_max_examples or users, users) if cfg.rl_data == "users"
+                      else min(cfg.rl_max_examples or n, n)) if key == "stage3" else             (cfg.epochs, min(cfg.max_examples or n, n))
+        sec = epochs * (ex / rate + len(ds.valid) * per_case[l]) +             len(ds.test) * per_case[l] * cfg.beam_test / cfg.beam_valid
+        if key == "stage2" and cfg.annotate == "offline":
+            rounds = 1 + ((cfg.epochs - 1) // cfg.annot_every if cfg.annot_every else 0)
+            sec += rounds * annot_s * (n + 2 * cfg.annot_epochs * min(cfg.max_examples or n, n))
+        total += sec
+        parts.append(f"{key} {sec / 60:.1f}")
+    print(f"expected time: at most {total / 60:.1f} min ({', '.join(parts)} min), from timing 2 "
+          f"steps of each stage and one decoding batch now; early stopping can end stages sooner")
+    return total
+
+
 def main(argv=None) -> dict:
     """Check the flags and --out, lock --out, run the stages. Ctrl-C at any point: one line saying
     what is saved, and exit code 130 (128 + SIGINT, what a shell reports for Ctrl-C)."""
@@ -1439,8 +1857,9 @@ def main(argv=None) -> dict:
         print("config", json.dumps(dataclasses.asdict(cfg)))
         set_seed(cfg.seed)
         ds = data.load_dataset(cfg.dataset, cfg.data_dir, verbose=True, split=cfg.split,
-                               min_rating=cfg.min_rating, kcore=cfg.kcore)
+                               min_rating=cfg.min_rating, kcore=cfg.kcore, attributes=cfg.attributes)
         check_config(cfg, ds)  # the limits the data sets (beam widths, ranking negatives)
+        resolve_budget(cfg, ds)
         sids = build_semantic_ids(cfg, ds)
         if cfg.benchmark:
             phase = "during the benchmark; benchmark.json not written"
@@ -1458,6 +1877,9 @@ def main(argv=None) -> dict:
                 print(f"{key} valid {fmt_metrics(res[key]['valid'])}\n{key} TEST  {fmt_metrics(res[key]['test'])}")
             save_atomic(res, os.path.join(cfg.out, "eval.json"))
             return res
+        if cfg.estimate:
+            phase = "while timing a few steps for the expected time; nothing written yet"
+            estimate_time(cfg, ds, sids, device, keys)
         path = os.path.join(cfg.out, "results.json")
         old = load_file(path) if os.path.exists(path) else {}  # stages not rerun keep their entries
         res = dict(config=dataclasses.asdict(cfg), dataset=ds.stats, device=str(device),

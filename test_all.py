@@ -1339,15 +1339,18 @@ def test_divergence_is_a_clear_error(tmp_path, method, fix):
 import stream_rec as sr  # noqa: E402  (the section banner above keeps each file's tests together)
 
 
-def tiny_model(sizes=(3, 2), trace_len=1, n_items=None, seed=0, d=16):
+def tiny_model(sizes=(3, 2), trace_len=1, n_items=None, seed=0, d=16, features=0):
     """A StreamRec small enough to enumerate: level-0 codes x dedup digit, every tuple an item
-    unless n_items is smaller. Random (non-identity) MLP_r / MLP_s so the loop is non-trivial."""
+    unless n_items is smaller. Random (non-identity) MLP_r / MLP_s so the loop is non-trivial.
+    features > 0: random item vectors of that size and a target projection (--target-repr feature)."""
     torch.manual_seed(seed)
     grid = torch.cartesian_prod(*[torch.arange(k) for k in sizes]).view(-1, len(sizes))
     grid = grid[:n_items] if n_items else grid
     codes = torch.cat([torch.zeros(1, len(sizes), dtype=torch.long), grid])  # row 0 = PAD
+    vectors = torch.randn(len(codes), features) if features else None
     model = sr.StreamRec(codes, list(sizes), trace_len, max_len=3, d_model=d, n_heads=2, d_ff=32,
-                         enc_layers=1, dec_layers=1, dropout=0.0, tau=1.0, constrain_levels=True)
+                         enc_layers=1, dec_layers=1, dropout=0.0, tau=1.0, constrain_levels=True,
+                         vectors=vectors)
     for mlp in (model.mlp_r, model.mlp_s):
         torch.nn.init.normal_(mlp.net[2].weight, std=0.3)
     return model.eval()
@@ -1359,7 +1362,7 @@ def tiny_args(out, *extra):
             "--max-len", "5", "--trace-len", "2", "--epochs", "1", "--max-examples", "256",
             "--batch-size", "128", "--rl-epochs", "1", "--rl-max-examples", "32", "--rl-batch", "16",
             "--group-size", "4", "--rank-negs", "3", "--beam-valid", "5", "--beam-test", "5",
-            "--eval-batch", "256", "--kmeans-iters", "5", "--threads", "1", *extra]
+            "--eval-batch", "256", "--kmeans-iters", "5", "--threads", "1", "--no-estimate", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -1443,7 +1446,7 @@ def test_annotation_loop_matches_slow_restatement_of_spec_4_1():
     hist = torch.tensor([[1, 2, 3], [0, 5, 7], [9, 4, 2]])
     target = torch.tensor([6, 11, 1])
     memory = model.encode(hist)
-    o, s, r = sr.stage2_annotate(model, memory, target)
+    o, s, r, d_loop = sr.stage2_annotate(model, memory, sr.target_repr(model, target))
     E = model.emb.weight.detach()
     for b in range(3):  # one case at a time, the decoder re-run from scratch at every step
         mem_b = {"kv": [(k[b:b + 1], v[b:b + 1]) for k, v in memory["kv"]], "mask": memory["mask"][b:b + 1]}
@@ -1452,6 +1455,7 @@ def test_annotation_loop_matches_slow_restatement_of_spec_4_1():
         for i in range(model.l + 1):
             d_all, _ = model.decode(mem_b, torch.tensor(seq).view(1, 1, -1))
             ds_.append(d_all[0, 0, -1])  # d_i: state at the newest position
+            assert torch.allclose(ds_[-1], d_loop[b, i], atol=1e-5)
             s_i = model.mlp_s(sum(ds_))  # s_i = MLP_s(sum_{j<=i} d_j)
             assert torch.allclose(s_i, s[b, i], atol=1e-5)
             if i == model.l:
@@ -1530,10 +1534,24 @@ def test_stage3_rewards_format_match_similarity():
                        [4] + sid(2, 1) + [sr.EOS]]])  # not an item
     memory = model.encode(hist)
     _, d = sr.teacher_forced(model, memory, y)
-    r = sr.stage3_rewards(cfg, model, None, memory, hist, y, d, target, 5, torch.Generator())
+    t = sr.target_repr(model, target)
+    r = sr.stage3_rewards(cfg, model, None, memory, hist, y, d, target, t)
     assert r[0, :, 0].tolist() == [0, 0, 0, -1]  # format
     assert r[0, :, 1].tolist() == [1.0, 0.5, 0.0, 0.0]  # exact-match prefix / M
     assert r[0, :, 2].abs().max() <= 1 and torch.allclose(r[0, 0, 2], r[0, 1, 2])  # same trace
+    level = sr.stage3_rewards(sr.Config(w_lik=0.0, w_rank=0.0, match_reward="level"), model, None,
+                              memory, hist, y, d, target, t)
+    assert level[0, :, 1].tolist() == [1.0, 0.5, 0.5, 0.5]  # codes right at any level / M
+    exact = sr.stage3_rewards(sr.Config(w_lik=0.0, w_rank=0.0, match_reward="exact"), model, None,
+                              memory, hist, y, d, target, t)
+    assert exact[0, :, 1].tolist() == [1.0, 0.0, 0.0, 0.0]
+    # the ranking reward: target first among [target, negatives], by log P(SID ; EOS | x, trace)
+    negs = torch.tensor([[1, 2, 3]])
+    rk = sr.stage3_rewards(sr.Config(w_lik=0.0), model, None, memory, hist, y, d, target, t, negs)
+    cand = torch.tensor([4, 1, 2, 3])
+    for g in range(4):
+        lp = [float(sr.sid_logp(model, memory, y[:, g:g + 1, :1], cand[None, c:c + 1]).detach()) for c in range(4)]
+        assert rk[0, g, 4].item() == pytest.approx(1 - sum(x >= lp[0] for x in lp[1:]) / 3)
 
 
 # --- Beam search ----------------------------------------------------------------------------------
@@ -1657,7 +1675,14 @@ def test_baseline_learns_the_synthetic_data(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--trace-len", "-1"], "--trace-len must be >= 0"),
     (["--stages", "base,4"], "--stages takes a comma list of base,1,2,3"),
-    (["--features", "bert"], "--features must be auto, text or cooc"),
+    (["--features", "bert"], "--features must be auto, attr, attr+cooc, text or cooc"),
+    (["--annotate", "later"], "--annotate must be offline or online"),
+    (["--merge", "sum"], "--merge must be max or lse"),
+    (["--dpo-form", "x"], "--dpo-form must be direct or shared"),
+    (["--rank-negs-from", "x"], "--rank-negs-from must be direct, popular or random"),
+    (["--self-trace-frac", "1.5"], "--self-trace-frac must be in [0, 1]"),
+    (["--max-examples", "-2"], "--max-examples must be >= -1"),
+    (["--trace-topk", "-1"], "--trace-topk must be >= 0"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda"),
     (["--select", "auc"], "--select must be one of"),
     (["--group-size", "1"], "--group-size must be >= 2"),
@@ -1740,11 +1765,12 @@ def test_a_failed_allocation_is_one_line(tmp_path, monkeypatch, script):
 
 
 @pytest.mark.parametrize("stage, flags", [("base", ["--stages", "base", "--epochs", "2"]),
+                                          ("stage2", ["--stages", "2", "--epochs", "2", "--overwrite"]),
                                           ("stage3", ["--stages", "3", "--rl-epochs", "2", "--overwrite"])])
 def test_ctrl_c_exits_130_and_resume_continues_the_stage_from_its_last_epoch(tiny_run, monkeypatch, capsys,
                                                                            stage, flags):
     root, _ = tiny_run
-    for name in ("straight", "stopped") if stage == "stage3" else ():  # it starts from the saved stage 2
+    for name in ("straight", "stopped") if stage != "base" else ():  # it starts from the saved stages
         shutil.copytree(root / "a", root / f"{stage}_{name}")
     straight = sr.main(tiny_args(root / f"{stage}_straight", *flags))
     out = root / f"{stage}_stopped"
@@ -1765,3 +1791,329 @@ def test_ctrl_c_exits_130_and_resume_continues_the_stage_from_its_last_epoch(tin
             sr.main(tiny_args(root / f"{stage}_startup"))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 130 and len(err) == 1 and "during start-up; nothing written yet" in err[0]
+
+
+# --- Offline annotation, the exposure-gap path, DPO against the direct model, merging, attributes ---
+def tiny_dataset(seqs):
+    """A Dataset from hand-made user sequences (item ids 1..N, leave-one-out split)."""
+    users = [u for u, s in enumerate(seqs) for _ in s]
+    return data.build_dataset(data._columns(users, [i for s in seqs for i in s]), "hand")
+
+
+def slow_annotation(model, hist_b, t_b, topk):
+    """Spec §4.1 with the top-k rule, one case, the decoder re-run from scratch at every step:
+    o_i = the code nearest to r_i = MLP_r(t - s_{i-1}) among the k tokens the model ranks highest."""
+    E = model.emb.weight.detach()
+    mem = model.encode(hist_b[None])
+    seq, ds_ = [sr.BOS], []
+    for i in range(model.l):
+        d_all, _ = model.decode(mem, torch.tensor(seq).view(1, 1, -1))
+        ds_.append(d_all[0, 0, -1])
+        s_prev = model.mlp_s(sum(ds_))  # s_{i} over the states so far
+        r_i = model.mlp_r(t_b - s_prev)
+        logits = (d_all[0, 0, -1] @ E.T)[sr.FIRST_CODE:]  # thinking positions allow every code
+        cands = logits.topk(topk).indices.tolist() if topk else range(len(logits))
+        dist = {c: float(((E[sr.FIRST_CODE + c] - r_i) ** 2).sum()) for c in cands}
+        seq.append(sr.FIRST_CODE + min(dist, key=dist.get))
+    return seq[1:]
+
+
+@pytest.mark.parametrize("topk, kind", [(0, "sid"), (3, "feature"), (2, "sid")])
+def test_offline_annotation_equals_a_slow_restatement(topk, kind):
+    """annotate_all (batched over every training prefix, KV cache, top-k rule) = the loop of Spec
+    §4.1 written out per example; its gain = log P(target | x, o) under the annotator minus the
+    direct model's log P(target | x), both summed token by token; keep follows the gain."""
+    model = tiny_model(sizes=(3, 2), trace_len=3, seed=4, features=5 if kind == "feature" else 0)
+    direct = tiny_model(sizes=(3, 2), trace_len=0, seed=5)
+    ds = tiny_dataset([[1, 2, 3, 4, 5], [6, 5, 4], [2, 6, 1, 3], [3, 1]])
+    cfg = sr.Config(max_len=3, trace_topk=topk, target_repr=kind, batch_size=2, eval_batch=2, annot_keep="gain")
+    with torch.no_grad():
+        store = sr.annotate_all(cfg, model, direct, ds, "cpu")
+    items, starts, ends = ds.train.items, ds.train.starts, ds.train.ends
+    examples = [(p, s) for s, e in zip(starts, ends) for p in range(s + 1, e)]
+    assert store["traces"].shape == (len(items), 3) and store["stats"]["examples"] == len(examples)
+    with torch.no_grad():
+        for p, s in examples:
+            hist = torch.tensor(data.windows(items, np.array([s]), np.array([p]), 3)[0])
+            target = int(items[p])
+            t_b = sr.target_repr(model, torch.tensor([target]), kind)[0]
+            o = slow_annotation(model, hist, t_b, topk)
+            assert store["traces"][p].tolist() == o, p
+            def logp(m, y):  # sum of log P(y_t | y_<t, x) over the SID and EOS tokens, one step at a time
+                mem, total = m.encode(hist[None]), 0.0
+                for j in range(m.l, m.T):
+                    d_all, _ = m.decode(mem, torch.tensor([sr.BOS] + y[:j]).view(1, 1, -1))
+                    total += float(m.log_probs(d_all[:, :, -1:], j)[0, 0, 0, y[j]])
+                return total
+            sid = model.item_tokens[target].tolist() + [sr.EOS]
+            gain = logp(model, o + sid) - logp(direct, sid)
+            assert float(store["gain"][p]) == pytest.approx(gain, abs=1e-4)
+            assert bool(store["keep"][p]) == (gain > 0)
+    assert (store["traces"][[s for s in starts]] == -1).all()  # a user's first item is no example
+
+
+def test_stored_traces_are_reused_unchanged_across_epochs(tiny_run, monkeypatch):
+    """Offline stage 2 annotates once; every epoch trains on the same stored traces (the file's),
+    whatever the fine-tuning does to the weights. --annot-every 1 annotates again at epoch 2."""
+    root, _ = tiny_run
+    calls, seen = [], []
+    real_annotate, real_losses = sr.annotate_all, sr.stage2_losses
+
+    def spy_annotate(cfg, annot, *args, **kwargs):  # the real store, its traces made diverse
+        calls.append(1)
+        store = real_annotate(cfg, annot, *args, **kwargs)
+        rows = store["traces"][:, 0] >= 0
+        g = torch.Generator().manual_seed(len(calls))
+        store["traces"][rows] = torch.randint(sr.FIRST_CODE, annot.emb.num_embeddings, (int(rows.sum()), annot.l),
+                                              generator=g, dtype=torch.int16)
+        return store
+
+    def spy_losses(cfg, model, direct, ref, hist, target, o_ann, self_rows, *rest, **kw):
+        seen.append((len(calls), o_ann.clone(), hist.clone(), target.clone()))
+        return real_losses(cfg, model, direct, ref, hist, target, o_ann, self_rows, *rest, **kw)
+
+    monkeypatch.setattr(sr, "annotate_all", spy_annotate)
+    monkeypatch.setattr(sr, "stage2_losses", spy_losses)
+    for every, rounds in ((0, 1), (1, 2)):
+        shutil.copytree(root / "a", root / f"reuse{every}")
+        calls.clear(), seen.clear()
+        sr.main(tiny_args(root / f"reuse{every}", "--stages", "2", "--epochs", "2", "--max-examples", "0",
+                          "--overwrite", "--lambda-dpo", "0", "--annot-every", str(every)))
+        assert len(calls) == rounds
+        store = torch.load(root / f"reuse{every}" / "stage2_traces.pt", weights_only=True)
+        assert store["epoch"] == rounds  # the traces of the last annotation round
+        ds = data.load_dataset(str(root / "tiny.txt"), verbose=False)
+        pos_of = {}  # (history window, target) -> the positions of the examples that have it
+        for st, e in zip(ds.train.starts, ds.train.ends):
+            for p in range(st + 1, e):
+                h = tuple(data.windows(ds.train.items, np.array([st]), np.array([p]), 5)[0].tolist())
+                pos_of.setdefault((h, int(ds.train.items[p])), []).append(p)
+        per_round = {}
+        for r, o, hist, target in seen:  # every trained example, looked up by (history, target)
+            for b in range(len(target)):
+                key = (tuple(hist[b].tolist()), int(target[b]))
+                if len(pos_of[key]) == 1:  # a key that names one example
+                    per_round.setdefault(r, {}).setdefault(key, []).append(tuple(o[b].tolist()))
+        assert len(per_round[rounds]) > 0.5 * ds.stats["train_targets"]  # 1,654 of the 2,657 here
+        # every example was trained in both epochs (max-examples 0 = all), each time on one trace
+        assert sum(len(target) for _, _, _, target in seen) == 2 * ds.stats["train_targets"]
+        for r, table in per_round.items():
+            assert all(len(set(v)) == 1 for v in table.values())  # the same trace in every epoch of a round
+        assert all(v[0] == tuple(store["traces"][pos_of[k][0]].tolist()) for k, v in per_round[rounds].items())
+        if every:  # the second round trained on new traces
+            assert sum(per_round[1][k][0] != per_round[2][k][0] for k in per_round[1]) > 0.5 * len(per_round[1])
+
+
+def test_train_batches_positions_name_each_example():
+    ds = tiny_dataset([[1, 2, 3, 4, 5], [6, 5, 4, 3]])  # train rows [1, 2, 3] (flat 0-2), [6, 5] (flat 5-6)
+    got = []
+    for hist, target, pos in data.train_batches(ds.train, 3, 2, pairs=True, positions=True,
+                                                generator=torch.Generator().manual_seed(0)):
+        items = torch.from_numpy(ds.train.items)
+        assert (items[pos] == target).all()
+        for b, p in enumerate(pos.tolist()):
+            start = 0 if p < 5 else 5
+            assert hist[b].tolist() == [0] * (3 - (p - start)) + items[start:p].tolist()
+        got += pos.tolist()
+    assert sorted(got) == [1, 2, 6]  # targets 2, 3 of the first user and 5 of the second
+
+
+def slow_greedy_trace(model, hist_b):
+    """The model's own trace, one case: argmax at every thinking position, re-decoding from scratch."""
+    mem, seq = model.encode(hist_b[None]), [sr.BOS]
+    for i in range(model.l):
+        d_all, _ = model.decode(mem, torch.tensor(seq).view(1, 1, -1))
+        seq.append(int(model.log_probs(d_all[:, :, -1:], i)[0, 0, 0].argmax()))
+    return seq[1:]
+
+
+def slow_token_logps(model, hist_b, y):
+    """log P(y_j | y_<j, x) for every output position j, re-decoding from scratch: (T,)."""
+    mem = model.encode(hist_b[None])
+    out = []
+    for j in range(len(y)):
+        d_all, _ = model.decode(mem, torch.tensor([sr.BOS] + y[:j]).view(1, 1, -1))
+        out.append(float(model.log_probs(d_all[:, :, -1:], j)[0, 0, 0, y[j]].detach()))
+    return out
+
+
+def test_exposure_gap_path_trains_the_sid_after_the_models_own_trace():
+    """Own-trace rows: CE on the SID tokens after the model's OWN greedy trace, none on its own
+    trace tokens; annotated rows: CE on [o_ann ; SID] (the forced EOS never counts)."""
+    torch.manual_seed(0)
+    model = tiny_model(sizes=(3, 2), trace_len=2, seed=6)
+    hist = torch.tensor([[1, 2, 3], [0, 4, 6], [5, 5, 2]])
+    target = torch.tensor([4, 1, 6])
+    o_ann = torch.tensor([[3, 4], [5, 6], [7, 3]])
+    cfg = sr.Config(lambda_con=0.0, lambda_quant=0.0, lambda_dpo=0.0, target_repr="sid")
+    own = torch.tensor([True, False, True])
+    loss, logs = sr.stage2_losses(cfg, model, None, None, hist, target, o_ann, own)
+    terms = []
+    for b in range(3):
+        trace = slow_greedy_trace(model, hist[b]) if own[b] else o_ann[b].tolist()
+        lp = slow_token_logps(model, hist[b], trace + model.item_tokens[target[b]].tolist() + [sr.EOS])
+        terms += lp[2:4] if own[b] else lp[:4]  # own: the 2 SID tokens; annotated: trace + SID
+    assert loss.item() == pytest.approx(-sum(terms) / len(terms), rel=1e-5)
+    sid_own = [x for b in (0, 2) for x in slow_token_logps(
+        model, hist[b], slow_greedy_trace(model, hist[b]) + model.item_tokens[target[b]].tolist() + [sr.EOS])[2:4]]
+    assert logs["ce_sid_own"].item() == pytest.approx(-sum(sid_own) / 4, rel=1e-5)
+    assert logs["own"].item() == pytest.approx(2 / 3)
+    # all rows on their own trace: the thinking tokens get no gradient from the CE
+    loss_all, logs_all = sr.stage2_losses(cfg, model, None, None, hist, target, o_ann, torch.ones(3, dtype=torch.bool))
+    assert "ce_think" not in logs_all
+    model.zero_grad()
+    loss_all.backward()
+    model2 = tiny_model(sizes=(3, 2), trace_len=2, seed=6)
+    loss_none, _ = sr.stage2_losses(cfg, model2, None, None, hist, target, o_ann, torch.zeros(3, dtype=torch.bool))
+    assert loss_none.item() != pytest.approx(loss_all.item())
+
+
+def test_dpo_against_the_direct_model_hand_computed():
+    """--dpo-form direct: margin = beta [(log pi([o ; target]) - log pi_d(target)) - (log pi([own trace ;
+    neg]) - log pi_d(neg))], every term summed token by token; the trace terms count (they differ)."""
+    model = tiny_model(sizes=(3, 2), trace_len=2, seed=7)
+    direct = tiny_model(sizes=(3, 2), trace_len=0, seed=8)
+    hist, target, neg = torch.tensor([[1, 2, 3], [6, 0, 4]]), torch.tensor([4, 2]), torch.tensor([5, 3])
+    o_ann = torch.tensor([[3, 4], [7, 5]])  # V = 3 + 3 + 2 = 8 tokens
+    beta = 0.7
+    cfg = sr.Config(lambda_con=0.0, lambda_quant=0.0, lambda_dpo=1.0, beta_dpo=beta, target_repr="sid")
+    own = torch.tensor([False, False])
+    _, logs = sr.stage2_losses(cfg, model, direct, None, hist, target, o_ann, own, neg)
+    want, wins = [], 0
+    for b in range(2):
+        sid = lambda i: model.item_tokens[i].tolist() + [sr.EOS]
+        pol_w = sum(slow_token_logps(model, hist[b], o_ann[b].tolist() + sid(target[b])))
+        pol_l = sum(slow_token_logps(model, hist[b], slow_greedy_trace(model, hist[b]) + sid(neg[b])))
+        ref_w, ref_l = sum(slow_token_logps(direct, hist[b], sid(target[b]))), sum(slow_token_logps(direct, hist[b], sid(neg[b])))
+        m = beta * ((pol_w - ref_w) - (pol_l - ref_l))
+        want.append(-math.log(1 / (1 + math.exp(-m))))
+        wins += m > 0
+    assert logs["dpo"].item() == pytest.approx(sum(want) / 2, rel=1e-5)
+    assert logs["dpo_acc"].item() == wins / 2
+    # a row trained on its own trace shares it with the rejected answer: the trace terms cancel
+    _, logs2 = sr.stage2_losses(cfg, model, direct, None, hist, target, o_ann, torch.tensor([True, True]), neg)
+    want2 = []
+    for b in range(2):
+        tr = slow_greedy_trace(model, hist[b])
+        sid = lambda i: model.item_tokens[i].tolist() + [sr.EOS]
+        gap = sum(slow_token_logps(model, hist[b], tr + sid(target[b]))[2:]) - \
+            sum(slow_token_logps(model, hist[b], tr + sid(neg[b]))[2:])
+        ref = sum(slow_token_logps(direct, hist[b], sid(target[b]))) - sum(slow_token_logps(direct, hist[b], sid(neg[b])))
+        want2.append(-math.log(1 / (1 + math.exp(-beta * (gap - ref)))))
+    assert logs2["dpo"].item() == pytest.approx(sum(want2) / 2, rel=1e-5)
+
+
+def test_lse_merge_on_a_hand_made_beam_set():
+    """Beams of one item: max keeps the best one; lse adds them up (log-sum-exp over traces)."""
+    model = tiny_model(sizes=(3, 2), n_items=5, trace_len=1)
+    off = model.offsets
+    sid = lambda a, b: [int(off[0]) + a, int(off[1]) + b]
+    seqs = torch.tensor([[[3] + sid(1, 0) + [sr.EOS],  # item 3 (codes 1, 0), -1.0
+                          [4] + sid(0, 1) + [sr.EOS],  # item 2, -1.5
+                          [5] + sid(0, 1) + [sr.EOS],  # item 2 again, -1.6
+                          [6] + sid(2, 1) + [sr.EOS],  # no item, -1.7
+                          [6] + sid(1, 0) + [sr.EOS],  # item 3 again, -3.0
+                          [3] + sid(0, 0) + [sr.EOS],  # item 1, -3.1
+                          [4] + sid(0, 0) + [sr.EOS]]])  # a dead beam
+    score = torch.tensor([[-1.0, -1.5, -1.6, -1.7, -3.0, -3.1, -math.inf]])
+    items, invalid = sr.beams_to_items(model, seqs, score, "max")
+    assert items.tolist() == [[3, 2, 1, 0, 0, 0, 0]] and invalid == 1
+    # lse: item 2 = log(e^-1.5 + e^-1.6) = -0.856 beats item 3 = log(e^-1 + e^-3) = -0.873
+    assert math.log(math.exp(-1.5) + math.exp(-1.6)) > math.log(math.exp(-1.0) + math.exp(-3.0))
+    items, invalid = sr.beams_to_items(model, seqs, score, "lse")
+    assert items.tolist() == [[2, 3, 1, 0, 0, 0, 0]] and invalid == 1
+
+
+def test_attributes_loader_on_a_hand_made_file_and_features_auto(tmp_path, capsys):
+    (tmp_path / "Toy.txt").write_text("1 10 20 30\n2 20 30 40\n3 10 30 40 50\n4 50 20 10\n")
+    (tmp_path / "Toy_item2attributes.json").write_text(json.dumps(
+        {"10": [1, 2], "20": [1, 2], "30": [3], "40": [4, 5, 1], "99": [7]}))  # 50: none; 99: no such item
+    ds = data.load_dataset(str(tmp_path / "Toy.txt"))
+    assert "4 of 5 items have attributes" in capsys.readouterr().out
+    raw = ds.item_ids[1:].tolist()
+    assert raw == [10, 20, 30, 40, 50]
+    assert ds.item_attrs == [[], ["1", "2"], ["1", "2"], ["3"], ["4", "5", "1"], []]
+    assert ds.stats["has_attributes"] and not data.load_dataset("synthetic", verbose=False).stats["has_attributes"]
+    cfg = sr.Config(dataset=str(tmp_path / "Toy.txt"))
+    assert sr.feature_kind(cfg, ds) == "attr+cooc"
+    vec = sr.attribute_features(ds.item_attrs, 8, 0)  # (N, F)
+    assert torch.allclose(vec[0], vec[1], atol=1e-6) and vec[4].abs().max() == 0  # same attributes; none
+    # --features auto picks them up in a run
+    res = sr.main(["--dataset", str(tmp_path / "Toy.txt"), "--out", str(tmp_path / "run"), "--stages", "base",
+                   "--epochs", "1", "--d-model", "8", "--n-heads", "2", "--d-ff", "8", "--enc-layers", "1",
+                   "--dec-layers", "1", "--max-len", "3", "--beam-valid", "3", "--beam-test", "3", "--threads", "1",
+                   "--kmeans-iters", "2", "--no-estimate"])
+    assert res["semantic_ids"]["features"] == "attr+cooc" and res["dataset"]["has_attributes"]
+    # bad files: one line each
+    for text, msg in (("{", "is not valid JSON"), ("[1, 2]", "expected one JSON object"),
+                      ('{"10": 3}', "not a list of attribute ids"), ('{"77": [1]}', "none of its item ids")):
+        (tmp_path / "Toy_item2attributes.json").write_text(text)
+        with pytest.raises(data.DataError, match=msg):
+            data.load_dataset(str(tmp_path / "Toy.txt"), verbose=False)
+    with pytest.raises(SystemExit) as e:
+        sr.main(["--dataset", "synthetic", "--features", "attr", "--out", str(tmp_path / "r2")])
+    assert one_line_error(e, "--features attr needs an S3-Rec attribute file")
+
+
+def test_tfidf_svd_keeps_the_tfidf_geometry_hand_computed():
+    """Rows of the SVD vectors have the cosines of the (smoothed) TF-IDF rows when F >= their rank."""
+    docs = [["a", "b"], ["a"], ["c"]]
+    n = 3  # idf = ln((1 + n) / (1 + df)) + 1: a (df 2) 1.2877, b, c (df 1) 1.6931
+    ia, ib = math.log(4 / 3) + 1, math.log(4 / 2) + 1
+    rows = torch.tensor([[ia, ib, 0.0], [ia, 0.0, 0.0], [0.0, 0.0, ib]])
+    cos = F.normalize(rows, dim=1) @ F.normalize(rows, dim=1).T
+    assert cos[0, 1].item() == pytest.approx(ia / math.hypot(ia, ib), rel=1e-4)  # 0.6054
+    v = sr.tfidf_svd(docs, 3, 0)
+    assert torch.allclose(v @ v.T, cos, atol=1e-4)
+
+
+def test_user_batches_rank_negatives_and_auto_budgets():
+    ds = tiny_dataset([[1, 2, 3, 4, 5], [6, 5, 4, 3], [2, 3]])  # train rows [1, 2, 3], [6, 5], [2, 3]
+    got = {}
+    for hist, target in sr.user_batches(ds.train, 3, 2, "cpu", torch.Generator().manual_seed(0)):
+        for h, t in zip(hist.tolist(), target.tolist()):
+            got[tuple(h)] = t
+    assert got == {(0, 1, 2): 3, (0, 0, 6): 5, (0, 0, 2): 3}  # prefix -> the last training item
+    # ranking negatives: never the target; "direct" = the direct model's beams, best first
+    direct = tiny_model(sizes=(3, 2), trace_len=0, seed=9)
+    hist, target = torch.tensor([[1, 2, 3], [0, 4, 6]]), torch.tensor([4, 2])
+    pop = torch.tensor([0.0, 5, 1, 1, 1, 1, 1])
+    gen = torch.Generator().manual_seed(0)
+    for kind in ("random", "popular", "direct"):
+        negs = sr.rank_negatives(sr.Config(rank_negs=3, rank_negs_from=kind), direct, hist, target, pop, gen)
+        assert negs.shape == (2, 3) and not (negs == target[:, None]).any() and ((negs >= 1) & (negs <= 6)).all()
+    ranked = sr.beams_to_items(direct, *sr.beam_search(direct, hist, 4))[0]
+    for b in range(2):
+        want = [i for i in ranked[b].tolist() if i and i != target[b]][:3]
+        assert negs[b, :len(want)].tolist() == want
+    # --epochs 0 / --max-examples -1 / --rl-max-examples -1: the demo budget on synthetic, full epochs otherwise
+    for name, want in (("synthetic", (3, 8192, 512)), ("some/file.txt", (50, 0, 0))):
+        cfg = sr.Config(dataset=name)
+        sr.resolve_budget(cfg, ds)
+        assert (cfg.epochs, cfg.max_examples, cfg.rl_max_examples) == want
+    cfg = sr.Config(dataset="x", epochs=7, max_examples=100, rl_max_examples=0)
+    sr.resolve_budget(cfg, ds)
+    assert (cfg.epochs, cfg.max_examples, cfg.rl_max_examples) == (7, 100, 0)
+
+
+def test_fit_annotator_moves_only_the_mlps_and_the_target_projection():
+    model = tiny_model(sizes=(3, 2), trace_len=2, seed=3, features=4)
+    ds = tiny_dataset([[1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2], [2, 3, 1, 4]])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = sr.Config(max_len=3, batch_size=4, trace_topk=2, lr=0.05)
+    logs = sr.fit_annotator(cfg, model, ds, "cpu", torch.Generator().manual_seed(0))
+    assert set(logs) == {"con", "quant"}
+    for k, v in model.state_dict().items():
+        moved = not torch.equal(v, before[k])
+        assert moved == k.startswith(("mlp_r.", "mlp_s.", "target_proj.")) or (not moved and "net.2" not in k), k
+    assert not torch.equal(model.target_proj.weight, before["target_proj.weight"])
+    assert not any(p.requires_grad for p in model.parameters())  # frozen again for annotating
+
+
+def test_expected_time_is_printed_at_start(tiny_run, capsys):
+    root, _ = tiny_run
+    sr.main([a for a in tiny_args(root / "eta", "--stages", "base,1,2") if a != "--no-estimate"])
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("expected time: at most"))
+    assert "base" in line and "stage2" in line and "early stopping" in line
+    assert "budget: base / stage 1 / stage 2 up to 1 epochs x 256 of" in out
