@@ -13,13 +13,14 @@ target item's SID. Three training stages teach it to think before it answers:
     base     the direct recommender: l = 0, cross-entropy (TIGER). Every stage is compared to
              it, and it is the "direct model" of the DPO loss and the likelihood reward.
     stage 1  pretraining on synthesized long targets: similar items' codes, then the target.
-    stage 2  iterative-inference annotation of reasoning traces, then fine-tuning on them
-             (cross-entropy + state-target contrastive + quantisation + DPO, plus a code-usage
-             penalty that keeps the self-labelled traces from collapsing).
+    stage 2  iterative-inference annotation of reasoning traces by the frozen stage-1 model, once
+             for every training prefix, then fine-tuning on the stored traces (cross-entropy +
+             state-target contrastive + quantisation + DPO against the direct model), part of
+             every batch trained after the model's own trace (training sees what inference sees).
     stage 3  reinforcement learning with GRPO and five rewards.
 
-Implements: item features (TF-IDF+SVD of titles, or PPMI co-occurrence+SVD) and residual
-    k-means semantic IDs with a de-duplication digit; a small T5-like encoder-decoder with tied
+Implements: item features (TF-IDF+SVD of S3-Rec attributes or of titles, PPMI co-occurrence +
+    SVD, or attributes + co-occurrence) and residual k-means semantic IDs with a dedup digit; a small T5-like encoder-decoder with tied
     embeddings, a KV cache and the annotation MLPs; the four training stages above with every
     loss / reward term behind a weight flag; batched beam search with invalid-SID dropping and
     duplicate merging, scored by data.py's shared full-ranking protocol; stage checkpoints,
@@ -34,7 +35,8 @@ Run
     python stream_rec.py --stages 3 --overwrite           # rerun stage 3 from the saved stage 2
     python stream_rec.py --resume                         # skip finished stages, continue an interrupted one
     python stream_rec.py --stages 3 --eval-only --trace-decode greedy   # re-evaluate a stage
-    python stream_rec.py --dataset ml-1m --data-dir DIR --epochs 5 --max-examples 100000
+    python stream_rec.py --dataset ../shared/data/s3rec/Toys_and_Games.txt   # attributes found beside it
+    python stream_rec.py --dataset ml-1m --data-dir DIR   # real data: full epochs, early stopping
     python stream_rec.py --benchmark --dataset ml-1m --data-dir DIR    # timings, peak memory
     Paper-size backbone: --d-model 128 --d-ff 512 --enc-layers 3 --dec-layers 3 --dropout 0.1
 
@@ -47,6 +49,7 @@ Notation (paper -> code)
     tau                  softmax temperature of P(y_t | ...) (`tau`, Spec §1)
     d_j                  decoder output state at position j (`d`), j = 0 is the start token
     s_i, r_i, t          state MLP_s(sum_{j<=i} d_j), residual MLP_r(t - s_{i-1}), target repr.
+                         t = W v_target (`target_proj`, item vectors `item_vectors`; --target-repr)
     q                    length of the stage-1 synthetic prefix (= l here)
     lambda_*, tau_c      stage-2 loss weights `lambda_con` ..., InfoNCE temperature `tau_con`
     G, R, A, eps, beta   GRPO group size, reward sum_k w_k r_k, advantage, clip range `clip_eps`,
@@ -1034,14 +1037,19 @@ def load_stage(cfg, key, sids, device, needed_by):
                        f"{needed_by} cannot start from it; finish it with --stages {flag} --resume "
                        f"(or rerun it with --overwrite), same --out")
     model = StreamRec(sids["codes"], **ck["model_args"], vectors=sids["vectors"]).to(device)
-    model.load_state_dict(ck["model"])
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError:  # e.g. a checkpoint of the previous reconstruction (no target projection)
+        flag = {v: k for k, v in STAGES.items()}[key]
+        raise RunError(f"{path} holds weights of another version of stream_rec.py; rerun --stages "
+                       f"{flag} --overwrite (or use a new --out)") from None
     return model, ck
 
 
 # Flags that may differ between a finished stage and a --resume of it: they do not change what
 # the stage trained (everything else must match, or the results would mix two settings).
 RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benchmark",
-            "benchmark_steps", "stages", "eval_batch", "overwrite"}
+            "benchmark_steps", "stages", "eval_batch", "overwrite", "estimate"}
 
 
 def last_path(cfg, key):

@@ -2117,3 +2117,14 @@ def test_expected_time_is_printed_at_start(tiny_run, capsys):
     line = next(ln for ln in out.splitlines() if ln.startswith("expected time: at most"))
     assert "base" in line and "stage2" in line and "early stopping" in line
     assert "budget: base / stage 1 / stage 2 up to 1 epochs x 256 of" in out
+
+
+def test_a_checkpoint_of_another_version_is_one_line(tiny_run):
+    root, _ = tiny_run
+    shutil.copytree(root / "a", root / "oldver")
+    ck = torch.load(root / "oldver" / "stage2.pt", weights_only=True)
+    ck["model"].pop("target_proj.weight")  # as saved by the previous reconstruction
+    torch.save(ck, root / "oldver" / "stage2.pt")
+    with pytest.raises(SystemExit) as e:
+        sr.main(tiny_args(root / "oldver", "--stages", "3", "--overwrite"))
+    assert one_line_error(e, "stage2.pt holds weights of another version", "--stages 2 --overwrite")
