@@ -1510,7 +1510,8 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
         if offline:  # the stored traces: the same ones every epoch
             o_ann = state["store"]["traces"][pos.cpu()].long().to(device)
             keep = state["store"]["keep"][pos.cpu()].to(device)
-        self_rows = (torch.rand(B, generator=gen, device=device) < cfg.self_trace_frac) | ~keep
+        self_rows = ~keep if not cfg.self_trace_frac else \
+            (torch.rand(B, generator=gen, device=device) < cfg.self_trace_frac) | ~keep
         neg = direct_negatives(direct, hist, target, ds.n_items, gen) if cfg.lambda_dpo else None
         loss, logs = stage2_losses(cfg, model, direct, ref, hist, target, o_ann, self_rows, neg,
                                    warm=epoch <= cfg.sft_warmup)

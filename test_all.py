@@ -2128,3 +2128,22 @@ def test_a_checkpoint_of_another_version_is_one_line(tiny_run):
     with pytest.raises(SystemExit) as e:
         sr.main(tiny_args(root / "oldver", "--stages", "3", "--overwrite"))
     assert one_line_error(e, "stage2.pt holds weights of another version", "--stages 2 --overwrite")
+
+
+@pytest.mark.parametrize("flags", [
+    # the previous reconstruction, kept behind flags for the README comparison
+    ["--annotate", "online", "--target-repr", "sid", "--trace-topk", "0", "--self-trace-frac", "0",
+     "--dpo-form", "shared", "--lambda-usage", "1", "--sft-warmup", "1", "--rank-negs-from", "random",
+     "--rl-data", "prefixes"],
+    ["--annot-keep", "gain", "--annot-every", "1", "--epochs", "2", "--match-reward", "level",
+     "--rank-negs-from", "popular", "--merge", "lse", "--trace-decode", "greedy"],
+    ["--self-trace-frac", "1", "--match-reward", "exact", "--target-repr", "sid", "--trace-topk", "1"],
+])
+def test_every_stage2_and_stage3_option_runs(tiny_run, flags):
+    root, _ = tiny_run
+    out = root / f"opt{abs(hash(tuple(flags))) % 10**6}"
+    shutil.copytree(root / "a", out)
+    res = sr.main(tiny_args(out, "--stages", "2,3", "--overwrite", *flags))
+    for key in ("stage2", "stage3"):
+        assert 0 <= res[key]["test"]["recall@10"] <= 1 and math.isfinite(res[key]["history"][-1]["train"]["loss"])
+    assert "ll_gain" in res["stage2"]["history"][0]["diag"]
