@@ -20,10 +20,12 @@ target item's SID. Three training stages teach it to think before it answers:
     stage 3  reinforcement learning with GRPO and five rewards.
 
 Implements: item features (TF-IDF+SVD of S3-Rec attributes or of titles, PPMI co-occurrence +
-    SVD, or attributes + co-occurrence) and residual k-means semantic IDs with a dedup digit; a small T5-like encoder-decoder with tied
-    embeddings, a KV cache and the annotation MLPs; the four training stages above with every
-    loss / reward term behind a weight flag; batched beam search with invalid-SID dropping and
-    duplicate merging, scored by data.py's shared full-ranking protocol; stage checkpoints,
+    SVD, or attributes + co-occurrence) and residual k-means semantic IDs with a dedup digit; a
+    small T5-like encoder-decoder with tied embeddings, a KV cache, the annotation MLPs and the
+    target projection; the four training stages above (stage 2 annotated offline by a frozen
+    model, or online), every loss / reward term behind a weight flag; batched beam search with
+    invalid-SID dropping and duplicate merging (max or log-sum-exp), scored by data.py's shared
+    full-ranking protocol; auto budgets with an expected time at start; stage checkpoints,
     --resume, and a --benchmark mode.
 Omits: the pretrained text encoder and the RQ-VAE (no downloads offline: TF-IDF/co-occurrence
     vectors and RQ-k-means stand in), T5's relative position bias, the hashed user token,
@@ -1403,9 +1405,10 @@ def stage2_losses(cfg, model, direct, ref, hist, target, o_ann, self_rows, neg=N
     if o_ann is None:  # ALGO LOGIC: online annotation (previous reconstruction)
         o_ann = stage2_annotate(model, frozen, t, cfg.trace_topk)[0]
     model.train(training)
-    # ALGO LOGIC: no exposure gap. At inference the SID follows the model's own trace, so part of
-    # every batch trains the SID after exactly that trace (its thinking tokens get no CE: training
-    # a model on its own guesses is what collapsed the online traces).
+    # ALGO LOGIC: no exposure gap.
+    # Reconstructed: at inference the SID follows the model's own trace, so part of every batch
+    # trains the SID after exactly that trace (its thinking tokens get no CE: training a model on
+    # its own guesses is what collapsed the online traces).
     o = torch.where(self_rows[:, None], o_self, o_ann)  # (B, l)
     y = output_seq(model, o[:, None], target[:, None])  # (B, 1, T) = [o ; SID ; EOS]
     lp, d = teacher_forced(model, memory, y)
@@ -1574,6 +1577,8 @@ def rank_negatives(cfg, direct, hist, target, pop, gen):
     """Spec §4b.5 [R]: the ranking reward's --rank-negs negatives (B, n), never the target.
     direct: the direct model's beams (the items it would recommend: hard), popular items fill
     the slots its beams leave; popular: drawn in proportion to training popularity; random."""
+    # Reconstructed: the spec asks for "random plus popular" negatives; uniform ones were easy (the
+    # previous r_rank sat near 1), the items the direct model would recommend are the hard ones.
     B, n = len(target), cfg.rank_negs
     if cfg.rank_negs_from == "random":
         return random_other(target, len(pop) - 1, (n,), gen)
