@@ -1105,6 +1105,8 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
                     return dict(examples_per_s=round(n / (time.time() - t0), 1), steps=bench_steps)
                 if max_examples and n >= max_examples:  # Deviation: CPU budget, README records it
                     break
+            if bench_steps:  # fewer examples than the timed steps want: time what there is
+                return dict(examples_per_s=round(n / (time.time() - t0), 1), steps=-(-n // batch_size))
             speed = n / (time.time() - t0)
             speeds.append(speed)
             logs = {name: v / n for name, v in sums.items()}

@@ -2044,6 +2044,12 @@ def test_attributes_loader_on_a_hand_made_file_and_features_auto(tmp_path, capsy
                    "--dec-layers", "1", "--max-len", "3", "--beam-valid", "3", "--beam-test", "3", "--threads", "1",
                    "--kmeans-iters", "2", "--no-estimate"])
     assert res["semantic_ids"]["features"] == "attr+cooc" and res["dataset"]["has_attributes"]
+    # the expected-time estimate on data smaller than its timed steps trains and writes nothing
+    est = sr.main(["--dataset", str(tmp_path / "Toy.txt"), "--out", str(tmp_path / "run_est"), "--stages", "base,1,2,3",
+                   "--epochs", "1", "--d-model", "8", "--n-heads", "2", "--d-ff", "8", "--enc-layers", "1",
+                   "--dec-layers", "1", "--max-len", "3", "--beam-valid", "3", "--beam-test", "3", "--threads", "1",
+                   "--kmeans-iters", "2", "--rank-negs", "2", "--rl-batch", "2", "--group-size", "2", "--rl-epochs", "1"])
+    assert all(est[k]["epochs_run"] == 1 for k in ("base", "stage1", "stage2", "stage3"))
     # bad files: one line each
     for text, msg in (("{", "is not valid JSON"), ("[1, 2]", "expected one JSON object"),
                       ('{"10": 3}', "not a list of attribute ids"), ('{"77": [1]}', "none of its item ids")):
