@@ -438,7 +438,7 @@ def _concat(parts):
 
 
 # -----------------------------------------------------------------------------
-# Item metadata (titles, genres, categories): used by STREAM-Rec's text features
+# Item metadata (titles, genres, categories; S3-Rec attribute ids): used by STREAM-Rec's item features
 # -----------------------------------------------------------------------------
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
@@ -497,6 +497,34 @@ def _sibling_meta(path):
     return None
 
 
+def parse_item_attributes(path):
+    """S3-Rec `<Name>_item2attributes.json`, one JSON object {"item id": [attribute ids]} ->
+    {raw item id (str): [attribute id (str), ...]}. The ids are opaque (the file has no names)."""
+    try:
+        obj = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); expected one "
+                        f"object of item id -> list of attribute ids") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected one JSON object of item id -> list of attribute ids, "
+                        f"got a {type(obj).__name__}")
+    out = {}
+    for key, attrs in obj.items():
+        if not isinstance(attrs, list) or not all(isinstance(a, (int, str)) and not isinstance(a, bool)
+                                                  for a in attrs):
+            raise DataError(f"{path}: item {key!r} maps to {str(attrs)[:40]}, not a list of attribute ids")
+        out[str(key)] = [str(a) for a in attrs]
+    return out
+
+
+def _sibling_attributes(path):
+    """`<Name>_item2attributes.json` next to an S3-Rec interaction file `<Name>.txt`, if there."""
+    folder, base = os.path.split(path)
+    stem = re.sub(r"\.(txt|csv|tsv|inter|dat)(\.gz)?$", "", base)
+    cand = os.path.join(folder, f"{stem}_item2attributes.json")
+    return cand if stem != base and os.path.exists(cand) else None
+
+
 # -----------------------------------------------------------------------------
 # The built-in synthetic dataset (offline default of both scripts)
 # -----------------------------------------------------------------------------
@@ -550,35 +578,6 @@ def make_synthetic(n_users=2000, n_topics=16, items_per_topic=25, min_len=10, ma
 
 # -----------------------------------------------------------------------------
 # Preprocessing and splits (one place; each step a documented option)
-# S3-Rec item attributes (brand and categories as ids): used by STREAM-Rec's attribute features
-def parse_item_attributes(path):
-    """S3-Rec `<Name>_item2attributes.json`, one JSON object {"item id": [attribute ids]} ->
-    {raw item id (str): [attribute id (str), ...]}. The ids are opaque (the file has no names)."""
-    try:
-        obj = json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); expected one "
-                        f"object of item id -> list of attribute ids") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{path}: expected one JSON object of item id -> list of attribute ids, "
-                        f"got a {type(obj).__name__}")
-    out = {}
-    for key, attrs in obj.items():
-        if not isinstance(attrs, list) or not all(isinstance(a, (int, str)) and not isinstance(a, bool)
-                                                  for a in attrs):
-            raise DataError(f"{path}: item {key!r} maps to {str(attrs)[:40]}, not a list of attribute ids")
-        out[str(key)] = [str(a) for a in attrs]
-    return out
-
-
-def _sibling_attributes(path):
-    """`<Name>_item2attributes.json` next to an S3-Rec interaction file `<Name>.txt`, if there."""
-    folder, base = os.path.split(path)
-    stem = re.sub(r"\.(txt|csv|tsv|inter|dat)(\.gz)?$", "", base)
-    cand = os.path.join(folder, f"{stem}_item2attributes.json")
-    return cand if stem != base and os.path.exists(cand) else None
-
-
 # -----------------------------------------------------------------------------
 @dataclass
 class Seqs:
