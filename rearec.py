@@ -77,7 +77,7 @@ class Config:
     split: str | None = None  # loo | time; None = the dataset's default
     min_rating: float | None = None  # implicit-feedback threshold; None = the dataset's default
     kcore: int | None = None  # k-core filter, 0 = off; None = the dataset's default
-    max_len: int = 0  # L, items of history read; 0 = auto: 200 if the average sequence is > 100 items (SASRec's ML-1M), else 50 (paper's setup)
+    max_len: int = 0  # L, items of history read; 0 = auto, per dataset (AUTO_PROFILES: 200 if the average sequence is > 100 items, as SASRec on ML-1M, else 50, the paper's setup)
     mask_history: bool = True  # evaluation: do not rank items already in the history (Deviation: paper/official do not mask; --no-mask-history)
     # model
     method: str = "prl"  # base | naive | rpe | erl | prl (paper §3, §4.3.2 ablations)
@@ -87,9 +87,9 @@ class Config:
     layers: int = 2  # Transformer layers (official default)
     heads: int = 2  # attention heads (official default)
     ffn: int = 256  # feed-forward inner size (official: 300 with D=256)
-    dropout: float = 0.2  # attention and hidden dropout (Deviation: official 0.5; SASRec's ML-1M value)
+    dropout: float = -1.0  # attention and hidden dropout; -1 = auto, per dataset (AUTO_PROFILES: 0.5 on short sparse data as the official code, 0.2 on ML-1M as SASRec)
     emb_dropout: float = 0.2  # dropout on every input token (official: hard-coded 0.2)
-    tau: float = 0.07  # softmax temperature of every CE and of the InfoNCE (official: temperature)
+    tau: float = 0.0  # softmax temperature of every CE and of the InfoNCE; 0 = auto, per dataset (AUTO_PROFILES; Deviation: official default 0.07, not in the paper's grid)
     # ERL (paper §3.2)
     kl_weight: float = 0.05  # lambda (official default; paper grid 0.001-0.1, safer <= 0.01); at most 1: above, maximising the KL outweighs the CE
     kl_stopgrad: bool = True  # stop-gradient on log p_i in KL(p_j || p_i) (official code)
@@ -108,6 +108,7 @@ class Config:
     epochs: int = 0  # maximum epochs; 0 = auto: 20 on the built-in synthetic data (a 1-3 min demo), else 200 (official: 300; early stopping ends runs long before)
     patience: int = 10  # early stopping: epochs without a better validation score, >= 1 (official: 10)
     select_metric: str = "ndcg@20"  # validation metric for model selection (official: NDCG@20)
+    selector_fit: str = "valid"  # cases the learned step selector is fitted on: valid (held out; test never) | train (random training positions)
     select_step: str = "own"  # the view that recommends in the final evaluation: own (ERL: mean, else r_K) | auto (best on validation) | stepK | entropy | mean | halt0.5 | halt0.8 | learned | learned-mix
     batch_size: int = 64  # users per batch; every position of a user is a target (ML-1M: ~7,000 per step; official: 2,048 rows). 64, not SASRec's 128: K=2 triples the tokens, and ML-1M at L=200 stays under 3 GB
     bucket: int = 8  # length bucketing: sort pools of this many batches by length (data.py); 0 = off
@@ -140,6 +141,26 @@ def field_help():
         return {}
 
 
+# Per-dataset defaults, from the validation sweeps in the README ("Tuning"). --max-len 0, --tau 0 and
+# --dropout -1 take the profile of the data's average sequence length:
+#   long  (> 100 items: MovieLens-like; tuned on ML-1M)            SASRec's L = 200, its dropout 0.2
+#   short (sparse Amazon-like; tuned on S3-Rec's Toys 5-core)      ReaRec's L = 50, the official dropout 0.5
+AUTO_PROFILES = {"long": {"max_len": 200, "tau": 0.5, "dropout": 0.2},
+                 "short": {"max_len": 50, "tau": 2.0, "dropout": 0.5}}
+
+
+def resolve_auto(cfg, avg_len, verbose=True):
+    """Fill the auto settings (max_len 0, tau 0, dropout -1) from AUTO_PROFILES and say so."""
+    name = "long" if avg_len > 100 else "short"
+    auto = {k: v for k, v in AUTO_PROFILES[name].items() if getattr(cfg, k) == (-1 if k == "dropout" else 0)}
+    for k, v in auto.items():
+        setattr(cfg, k, v)
+    if auto and verbose:
+        print(f"auto settings for {name} sequences (average {avg_len} items; the README's sweeps): "
+              + ", ".join(f"{k} {v}" for k, v in auto.items()))
+    return cfg
+
+
 def parse_args(argv=None):
     """argparse generated from the Config fields: --max-len (or --max_len), --no-mask-history..."""
     p = argparse.ArgumentParser(description="ReaRec (arXiv:2503.22675): SASRec/BERT4Rec + latent "
@@ -170,8 +191,8 @@ def parse_args(argv=None):
         (cfg.heads >= 1, f"--heads must be >= 1, not {cfg.heads}"),
         (cfg.heads >= 1 and cfg.hidden > 0 and cfg.hidden % cfg.heads == 0, f"--hidden ({cfg.hidden}) must be a positive multiple of --heads ({cfg.heads})"),
         (cfg.layers >= 1 and cfg.ffn >= 1, "--layers and --ffn must be >= 1"),
-        (0 <= cfg.dropout < 1 and 0 <= cfg.emb_dropout < 1, "dropouts must be in [0, 1)"),
-        (cfg.tau > 0 and cfg.alpha > 0, "--tau and --alpha must be > 0"),
+        ((0 <= cfg.dropout < 1 or cfg.dropout == -1) and 0 <= cfg.emb_dropout < 1, "dropouts must be in [0, 1) (--dropout -1: auto)"),
+        (cfg.tau >= 0 and cfg.alpha > 0, "--tau must be > 0 (0: auto) and --alpha > 0"),
         (cfg.noise >= 0 and cfg.kl_weight >= 0, "--noise and --kl-weight must be >= 0"),
         (cfg.kl_weight <= 1, f"--kl-weight must be <= 1, not {cfg.kl_weight}: ERL subtracts lambda * KL from the loss, and above 1 "
                              f"pushing the steps apart outweighs the CE (paper grid 0.001-0.1)"),
@@ -194,6 +215,7 @@ def parse_args(argv=None):
          + tuple(f"halt{t}" for t in HALT_THRESHOLDS) or re.fullmatch(r"step\d+", cfg.select_step),
          f"--select-step must be own, auto, stepK, entropy, mean, {', '.join(f'halt{t}' for t in HALT_THRESHOLDS)}, "
          f"learned or learned-mix, not {cfg.select_step!r}"),
+        (cfg.selector_fit in ("valid", "train"), f"--selector-fit must be valid or train, not {cfg.selector_fit!r}"),
         (cfg.select_metric in [f"{m}@{k}" for m in ("ndcg", "recall", "mrr") for k in data.KS] + ["mrr"],
          f"--select-metric must be ndcg@k, recall@k or mrr@k with k in {data.KS}, or mrr"),
     ]:
@@ -874,22 +896,28 @@ def step_temperatures(cfg, K, device=None):
 
 
 class StepSelector(nn.Module):
-    """Learned selector: per case, softmax weights over the K+1 steps from label-free features of
-    each step: its state r_k (D numbers), the entropy and the top-1 log-probability of its item
-    distribution. A linear score per step plus a bias per step: D + 2 + 1 + (K+1) parameters
-    (71 for D = 64, K = 2). "learned" recommends with the highest-weight step, "learned-mix" with
-    the weighted mixture of the steps' distributions, log sum_k w_k p_k."""
+    """Learned selector: per case, softmax weights over the K+1 steps from label-free features.
+    Per step: its state r_k (D numbers), the entropy and the top-1 log-probability of its item
+    distribution, through one linear score shared by the steps, plus a bias per step. Per case
+    (case_features, standardised): the history length, whether the steps agree, the mean entropy,
+    each with a weight per step. D + 3 + (K+1) + 4 (K+1) parameters (82 for D = 64, K = 2).
+    "learned" recommends with the highest-weight step, "learned-mix" with the weighted mixture
+    of the steps' distributions, log sum_k w_k p_k."""
 
-    def __init__(self, D, K):
+    def __init__(self, D, K, n_case=4):
         super().__init__()
         self.score = nn.Linear(D + 2, 1)
         self.step_bias = nn.Parameter(torch.zeros(K + 1))
+        self.case_weight = nn.Parameter(torch.zeros(n_case, K + 1))
         nn.init.zeros_(self.score.weight)  # starts as the uniform mixture
+        self.register_buffer("case_mean", torch.zeros(n_case))  # set by fit_selector
+        self.register_buffer("case_std", torch.ones(n_case))
 
-    def forward(self, R, entropy, top1):
-        # R (B, K+1, D); entropy, top1 (B, K+1) -> log weights (B, K+1)
+    def forward(self, R, entropy, top1, case):
+        # R (B, K+1, D); entropy, top1 (B, K+1); case (B, n_case) -> log weights (B, K+1)
         feats = torch.cat([R / math.sqrt(R.shape[-1]), entropy[..., None], top1[..., None]], dim=-1)
-        return F.log_softmax(self.score(feats)[..., 0] + self.step_bias, dim=-1)
+        case = (case - self.case_mean) / self.case_std
+        return F.log_softmax(self.score(feats)[..., 0] + self.step_bias + case @ self.case_weight, dim=-1)
 
 
 def step_log_probs(R, E, cfg):
@@ -900,7 +928,20 @@ def step_log_probs(R, E, cfg):
     return logp, -(logp.exp() * logp).sum(-1), logp.max(-1).values
 
 
-def step_views(model, R, cfg, selector=None):
+def top10_overlap(logp):
+    """(B, K+1, N) -> (B, K): the share of step k's top-10 items that are in step k-1's top 10."""
+    top = logp.topk(min(10, logp.shape[-1]), dim=-1).indices  # (B, K+1, 10) (fewer items: all of them)
+    return (top[:, 1:, :, None] == top[:, :-1, None, :]).any(-1).float().mean(-1)
+
+
+def case_features(lengths, overlap, entropy):
+    """Label-free features of each case for the learned selector (B, 4): log(1 + history length in
+    the window) (the paper's Fig. 4: extra steps help short histories), the top-10 overlap of
+    steps 1 and 0 and of steps K and K-1 (do the steps agree?), and the mean entropy of the steps."""
+    return torch.stack([torch.log1p(lengths.float()), overlap[:, 0], overlap[:, -1], entropy.mean(1)], dim=1)
+
+
+def step_views(model, R, cfg, selector=None, lengths=None):
     """Every view of the states R (B, K+1, D): scores (B, N+1) per view, or (scores, {stat: (B,)}).
         main       the method's own rule (ERL: the mean state, else r_K)
         step0..K   one step alone
@@ -908,7 +949,8 @@ def step_views(model, R, cfg, selector=None):
         mean       the mean of the steps' log-probabilities
         halt<θ>    think step by step; stop at the first step whose top-10 list shares a fraction
                    >= θ of its items with the previous step's ("steps" = reasoning steps computed)
-        learned, learned-mix   the StepSelector's choice / mixture (when a selector is given)
+        learned, learned-mix   the StepSelector's choice / mixture (a selector and the cases'
+                   history lengths, (B,), given)
     "step" = the mean chosen step index of a one-step choice."""
     E = model.item_emb.weight
     B, S, _ = R.shape
@@ -920,55 +962,90 @@ def step_views(model, R, cfg, selector=None):
     logp, entropy, top1 = step_log_probs(R, E, cfg)
     views["entropy"] = pick(entropy.argmin(1))
     views["mean"] = F.pad(logp.mean(1), (1, 0))  # (B, N+1), PAD column (never ranked) 0
-    top = logp.topk(min(10, logp.shape[-1]), dim=-1).indices  # (B, K+1, 10) (fewer items: all of them)
-    overlap = (top[:, 1:, :, None] == top[:, :-1, None, :]).any(-1).float().mean(-1)  # (B, K): step k vs k-1
+    overlap = top10_overlap(logp)  # (B, K): step k vs k-1
     for theta in HALT_THRESHOLDS:
         stable = overlap >= theta  # (B, K)
         k = torch.where(stable.any(1), stable.float().argmax(1) + 1, S - 1)  # first stable step, else K
         scores, stats = pick(k)
         views[f"halt{theta}"] = (scores, {"steps": k.double()})
     if selector is not None:
-        logw = selector(R, entropy, top1)  # (B, K+1)
+        logw = selector(R, entropy, top1, case_features(lengths, overlap, entropy))  # (B, K+1)
         views["learned"] = pick(logw.argmax(1))
         views["learned-mix"] = F.pad(torch.logsumexp(logw[..., None] + logp, dim=1), (1, 0))
     return views
 
 
-def fit_selector(model, ds, cfg, device, cases=20_000, steps=300):
-    """Train a StepSelector on training cases (never validation or test): up to `cases` random
-    supervised positions of the training sequences, their K+1 states from the frozen model, and
-    each step's log-probability of the true next item. Objective: the log-likelihood of the target
-    under the weighted mixture of the steps' distributions, -log sum_k w_k p_k(target); a step
-    that ranks the target well gets more weight in cases that look alike. Returns the selector."""
-    model.eval()
+def selector_cases(model, ds, cfg, device, cases=20_000):
+    """The cases a StepSelector is fitted on, with its inputs and each step's rank of the true
+    next item (among all items, history included):
+        --selector-fit valid: the validation cases (the held-out cases that choose between the
+            selectors too; test never);
+        --selector-fit train: up to `cases` random supervised positions of the training sequences.
+    Returns {"R": (c, K+1, D), "entropy", "top1", "rank": (c, K+1), "case": (c, 4)}."""
     K, E = cfg.steps, model.item_emb.weight
-    per_row = max(1, math.ceil(cases / max(len(ds.train), 1)))
-    gen = torch.Generator().manual_seed(cfg.seed + 7)
-    feats = {"R": [], "entropy": [], "top1": [], "target": []}
+    feats = {"R": [], "entropy": [], "top1": [], "rank": [], "case": []}
+
+    def add(R, t, lengths):  # R (c, K+1, D) float, t (c,) item ids, lengths (c,) items in the window
+        logp, entropy, top1 = step_log_probs(R, E, cfg)
+        target = logp.gather(-1, (t - 1)[:, None, None].expand(-1, K + 1, 1))  # (c, K+1, 1)
+        feats["rank"].append((logp > target).sum(-1) + 1)
+        feats["R"].append(R), feats["entropy"].append(entropy), feats["top1"].append(top1)
+        feats["case"].append(case_features(lengths, top10_overlap(logp), entropy))
+
     with torch.no_grad():
-        for inputs, targets in data.train_batches(ds.train, cfg.max_len, cfg.eval_batch_size, device=device,
-                                                  generator=gen, bucket=cfg.bucket):
-            B, L = inputs.shape
-            valid = targets != data.PAD
-            noise = torch.rand(B, L, generator=gen).to(device).masked_fill(~valid, -1.0)
-            pos = noise.topk(min(per_row, L), dim=1).indices  # (B, P) random supervised positions
-            ok = valid.gather(1, pos)
-            h, cache, key_ok = model.encode(inputs)
-            r0 = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
-            R = model.reason(cache, key_ok, pos, r0, K)[ok].float()  # (c, K+1, D)
-            t = targets.gather(1, pos)[ok]
-            logp, entropy, top1 = step_log_probs(R, E, cfg)
-            feats["R"].append(R), feats["entropy"].append(entropy), feats["top1"].append(top1)
-            feats["target"].append(logp.gather(-1, (t - 1)[:, None, None].expand(-1, K + 1, 1))[..., 0])
-    f = {k: torch.cat(v)[:cases] for k, v in feats.items()}  # target: (c, K+1) log p_k(target)
-    selector = StepSelector(R.shape[-1], K).to(device)
+        if cfg.selector_fit == "valid":
+            split = ds.valid
+            for b in range(0, len(split), cfg.eval_batch_size):
+                rows = np.arange(b, min(b + cfg.eval_batch_size, len(split)))
+                hist = torch.from_numpy(data.windows(split.items, split.starts[rows], split.ends[rows],
+                                                     cfg.max_len)).to(device)
+                add(model(hist).float(), torch.from_numpy(split.targets[rows]).to(device), (hist != data.PAD).sum(1))
+        else:
+            per_row = max(1, math.ceil(cases / max(len(ds.train), 1)))
+            gen = torch.Generator().manual_seed(cfg.seed + 7)
+            for inputs, targets in data.train_batches(ds.train, cfg.max_len, cfg.eval_batch_size, device=device,
+                                                      generator=gen, bucket=cfg.bucket):
+                B, L = inputs.shape
+                valid = targets != data.PAD
+                noise = torch.rand(B, L, generator=gen).to(device).masked_fill(~valid, -1.0)
+                pos = noise.topk(min(per_row, L), dim=1).indices  # (B, P) random supervised positions
+                ok = valid.gather(1, pos)
+                h, cache, key_ok = model.encode(inputs)
+                r0 = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
+                seen = (inputs != data.PAD).cumsum(1).gather(1, pos)  # (B, P) items up to each position
+                add(model.reason(cache, key_ok, pos, r0, K)[ok].float(), targets.gather(1, pos)[ok], seen[ok])
+    return {k: torch.cat(v)[:cases] for k, v in feats.items()}
+
+
+def fit_selector(model, ds, cfg, device, cases=20_000, steps=300):
+    """Fit a StepSelector (the model frozen) on selector_cases to predict which step ranks the
+    target best: maximise the expected DCG of the chosen step, sum_k w_k / log2(1 + rank_k).
+    (The mixture likelihood, log sum_k w_k p_k(target), was the first objective tried: it rewards
+    the flattest distribution, PRL's r_0 at tau alpha^K, not the best ranking; on Toys it chose
+    r_0 for nearly every case, README.)
+    Why validation by default: on training positions, which the model has fitted, the step the
+    loss trains ranks the target best almost everywhere, so a head fitted there learns to pick
+    that step. Fitted on validation, its 82 parameters (D = 64, K = 2) see 19,412 held-out cases
+    (Toys; 6,040 on ML-1M), and its validation score, in sample, is what chooses it against the
+    label-free rules. Returns the selector."""
+    model.eval()
+    selector = train_selector(selector_cases(model, ds, cfg, device, cases), cfg.steps, steps)
+    model.train()
+    return selector
+
+
+def train_selector(f, K, steps=300):
+    """The fit itself, on selector_cases' tensors f: full-batch Adam on minus the expected DCG."""
+    gain = 1.0 / torch.log2(f["rank"].double() + 1).float()  # (c, K+1) DCG of each step's ranking
+    selector = StepSelector(f["R"].shape[-1], K).to(f["R"].device)
+    selector.case_mean.copy_(f["case"].mean(0))
+    selector.case_std.copy_(f["case"].std(0).clamp(min=1e-6))
     opt = torch.optim.Adam(selector.parameters(), lr=0.01)
     for _ in range(steps):  # full batch: a few thousand numbers per case at most
-        loss = -torch.logsumexp(selector(f["R"], f["entropy"], f["top1"]) + f["target"], dim=1).mean()
+        loss = -(selector(f["R"], f["entropy"], f["top1"], f["case"]).exp() * gain).sum(1).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.train()
     return selector.eval()
 
 
@@ -1001,7 +1078,7 @@ def evaluate(model, split, cfg, device, analysis=False, selector=None, groups=No
         R = R.float()
         if not analysis:
             return model.user_state(R) @ E.T  # (B, N+1); tau does not change a ranking
-        return step_views(model, R, cfg, selector)
+        return step_views(model, R, cfg, selector, lengths=(hist != data.PAD).sum(1))
 
     steps = [f"step{k}" for k in range(cfg.steps + 1)] if analysis else None
     res = data.evaluate(score_fn, split, cfg.max_len, device=device, batch_size=cfg.eval_batch_size,
@@ -1051,7 +1128,7 @@ class NonFiniteLoss(Exception):
 
 # Fields that may differ between a run and its --resume (everything else must match).
 RUN_ONLY = {"epochs", "patience", "resume", "device", "out", "benchmark", "eval_batch_size", "data_dir", "threads",
-            "loss_chunk", "select_step", "overwrite"}
+            "loss_chunk", "select_step", "selector_fit", "overwrite"}
 
 
 def train(cfg, model, ds, device):
@@ -1328,10 +1405,7 @@ def run(cfg, device):
     except data.DataError as e:
         sys.exit(f"error: {e}")
     cfg.n_items = ds.n_items
-    if cfg.max_len == 0:
-        cfg.max_len = 200 if ds.stats["avg_len"] > 100 else 50
-        print(f"max_len auto -> {cfg.max_len} (average sequence {ds.stats['avg_len']} items; "
-              f"200 for long MovieLens-like sequences as SASRec, 50 otherwise as ReaRec)")
+    resolve_auto(cfg, ds.stats["avg_len"])
     if cfg.epochs == 0:
         cfg.epochs = 20 if cfg.dataset == "synthetic" else 200
         print(f"epochs auto -> {cfg.epochs} (20 for the built-in synthetic demo, 200 otherwise; "

@@ -643,6 +643,7 @@ def tiny_rearec(method="rpe", steps=2, backbone="sasrec", max_len=8, n_items=12,
                              "--hidden", "16", "--heads", "2", "--ffn", "24", "--max-len", str(max_len)]
                             + [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))])
     cfg.n_items = n_items
+    rearec.resolve_auto(cfg, avg_len=max_len, verbose=False)
     torch.manual_seed(0)
     model = rearec.ReaRec(cfg)
     for p in model.parameters():  # larger weights than the N(0, 0.02) init: differences show up
@@ -1067,31 +1068,55 @@ def test_label_free_selectors_on_hand_made_states():
     assert views["main"].shape == (3, 31) and torch.equal(views["main"], views["step2"])  # rpe: r_K
 
 
-def test_learned_selector_never_sees_the_label(tmp_path, monkeypatch):
-    """The learned selector is fitted on training cases only and chooses from the states alone:
-    shuffling the validation and test targets changes neither its weights nor its choices."""
+def test_learned_selector_learns_a_planted_rule():
+    """Cases with short histories are ranked best by step 0, long ones by step 2 (ranks 1 vs 50);
+    nothing else tells them apart. The fitted head must pick the right step for nearly all."""
+    g = torch.Generator().manual_seed(0)
+    c, K, D = 400, 2, 8
+    lengths = torch.randint(1, 50, (c,), generator=g)
+    long = lengths > 25
+    rank = torch.full((c, K + 1), 50)
+    rank[~long, 0], rank[long, 2] = 1, 1
+    entropy = torch.full((c, K + 1), 3.0) + 0.01 * torch.randn(c, K + 1, generator=g)
+    f = {"R": torch.randn(c, K + 1, D, generator=g), "entropy": entropy, "top1": -entropy, "rank": rank,
+         "case": rearec.case_features(lengths, torch.full((c, K), 0.5), entropy)}
+    sel = rearec.train_selector(f, K, steps=300)
+    with torch.no_grad():
+        pick = sel(f["R"], f["entropy"], f["top1"], f["case"]).argmax(1)
+    assert (pick == torch.where(long, 2, 0)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("fit", ["valid", "train"])
+def test_learned_selector_never_sees_the_test_label(tmp_path, monkeypatch, fit):
+    """The learned selector is fitted on validation (or training) cases and chooses from the states
+    alone: shuffling the test targets (and, fitted on training cases, the validation targets too)
+    changes neither its weights nor its choices; shuffling what it is fitted on does change them."""
     ds = data.load_dataset(synthetic_file(tmp_path, 150), verbose=False)
-    model = tiny_rearec("prl", 2, n_items=ds.n_items, max_len=20)
-    model.cfg.max_len = 20
+    model = tiny_rearec("prl", 2, n_items=ds.n_items, max_len=20, selector_fit=fit)
     seen = []
     real_views = rearec.step_views
     monkeypatch.setattr(rearec, "step_views", lambda *a, **k: seen.append(v := real_views(*a, **k)) or v)
-    runs = []
-    for shuffle in (False, True):
-        if shuffle:
-            rng = np.random.default_rng(0)
-            ds.test.targets = rng.permutation(ds.test.targets)
-            ds.valid.targets = rng.permutation(ds.valid.targets)
+
+    def fit_and_choose():
         torch.manual_seed(0)
         sel = rearec.fit_selector(model, ds, model.cfg, "cpu", cases=500, steps=50)
         seen.clear()
         res = rearec.evaluate(model, ds.test, model.cfg, "cpu", analysis=True, selector=sel)
-        runs.append(([p.detach().clone() for p in sel.parameters()],
-                     torch.cat([v["learned"][1]["step"] for v in seen]), res))
-    (p0, choice0, res0), (p1, choice1, res1) = runs
+        return [p.detach().clone() for p in sel.parameters()], torch.cat([v["learned"][1]["step"] for v in seen]), res
+
+    p0, choice0, res0 = fit_and_choose()
+    rng = np.random.default_rng(0)
+    ds.test.targets = rng.permutation(ds.test.targets)
+    if fit == "train":
+        ds.valid.targets = rng.permutation(ds.valid.targets)
+    p1, choice1, res1 = fit_and_choose()
     assert all(torch.equal(x, y) for x, y in zip(p0, p1)) and torch.equal(choice0, choice1)
     assert res0["learned"]["ndcg@10"] != res1["learned"]["ndcg@10"]  # the metrics do see the labels
-    assert sum(p.numel() for p in rearec.StepSelector(64, 2).parameters()) < 100  # "a tiny head"
+    if fit == "valid":  # what it is fitted on matters
+        ds.valid.targets = rng.permutation(ds.valid.targets)
+        p2, _, _ = fit_and_choose()
+        assert not all(torch.equal(x, y) for x, y in zip(p0, p2))
+    assert sum(p.numel() for p in rearec.StepSelector(64, 2).parameters()) == 82  # "a tiny head"
 
 
 def synthetic_file(tmp_path, n_users=400):
@@ -2153,3 +2178,16 @@ def test_every_stage2_and_stage3_option_runs(tiny_run, flags):
     for key in ("stage2", "stage3"):
         assert 0 <= res[key]["test"]["recall@10"] <= 1 and math.isfinite(res[key]["history"][-1]["train"]["loss"])
     assert "ll_gain" in res["stage2"]["history"][0]["diag"]
+
+
+def test_auto_settings_follow_the_sequence_length():
+    """--max-len 0, --tau 0 and --dropout -1 take the long (> 100 items) or short profile; values
+    given on the command line stay as given."""
+    long = rearec.resolve_auto(rearec.parse_args([]), avg_len=165.5, verbose=False)
+    short = rearec.resolve_auto(rearec.parse_args([]), avg_len=8.6, verbose=False)
+    for cfg, name in [(long, "long"), (short, "short")]:
+        assert {k: getattr(cfg, k) for k in ("max_len", "tau", "dropout")} == rearec.AUTO_PROFILES[name]
+    assert long.tau != short.tau or long.dropout != short.dropout  # the profiles differ
+    given = rearec.resolve_auto(rearec.parse_args(["--tau", "0.3", "--dropout", "0.0", "--max-len", "7"]),
+                                avg_len=165.5, verbose=False)
+    assert (given.tau, given.dropout, given.max_len) == (0.3, 0.0, 7)
