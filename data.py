@@ -1097,7 +1097,8 @@ def result_rows(path, res, views=False):
     selectors); stream_rec.py: one row per finished stage (K = thinking tokens l)."""
     cfg = res.get("config") or {}
     dataset = os.path.splitext(os.path.basename(str((res.get("dataset") or {}).get("name", cfg.get("dataset", "?")))))[0]
-    common = dict(dataset=dataset, config=cfg, seed=cfg.get("seed"), path=path,
+    used = {k: v for k, v in cfg.items() if k not in set(res.get("unused_config", ()))}  # what the method reads
+    common = dict(dataset=dataset, config=used, all_config=cfg, seed=cfg.get("seed"), path=path,
                   interrupted=bool(res.get("interrupted")))
     rows = []
     if "method" in cfg:  # rearec.py
@@ -1131,8 +1132,8 @@ def report(dirs, split="test", metrics=REPORT_METRICS, views=False):
     """The markdown table of `python data.py --report DIR [DIR ...]`; returns (text, rows).
 
     Rows: one per (script, dataset, method or stage, K, settings), where `settings` lists the
-    config fields that differ between runs of that script, dataset and method (not the seed and
-    not where/how fast it ran: RUN_FIELDS). Runs that differ only in the seed are one row: each
+    config fields that differ between the runs of that script and dataset (not the seed, not
+    where/how fast it ran: RUN_FIELDS, and not the fields the row's method ignores). Runs that differ only in the seed are one row: each
     metric is mean ± std over them (sample std, n - 1), with the number of seeds. In brackets, the
     relative change of the mean against the matching base row: the `base` row (same script and
     dataset) whose config differs from the row's in the fewest fields (stream_rec: its run's base
@@ -1141,24 +1142,23 @@ def report(dirs, split="test", metrics=REPORT_METRICS, views=False):
     rows = [r for p, res in find_results(dirs) for r in result_rows(p, res, views)]
     if not rows:
         raise DataError(f"--report: no finished runs in the results.json under {', '.join(dirs)}")
-    # settings that differ within each (script, dataset, method family)
-    family = lambda r: (r["script"], r["dataset"], r["name"].split(" (")[0])
+    # settings: the fields that differ between the runs of one script and dataset, each shown for
+    # the rows whose method reads it (results.json's "unused_config" lists the ones it ignores)
     differing = {}
     for r in rows:
-        keys = differing.setdefault(family(r), {})
-        for k, v in r["config"].items():
+        keys = differing.setdefault((r["script"], r["dataset"]), {})
+        for k, v in r["all_config"].items():
             keys.setdefault(k, set()).add(json.dumps(v, sort_keys=True))
     def settings(r):
-        diff = differing[family(r)]
-        return tuple((k, r["config"].get(k)) for k in sorted(diff)
-                     if len(diff[k]) > 1 and k not in RUN_FIELDS and k not in ("method", "steps", "trace_len"))
+        diff = differing[(r["script"], r["dataset"])]
+        return tuple((k, r["config"][k]) for k in sorted(diff) if k in r["config"]
+                     and len(diff[k]) > 1 and k not in RUN_FIELDS and k not in ("method", "steps", "trace_len"))
     groups = {}
     for r in rows:
         groups.setdefault((r["script"], r["dataset"], r["name"], r["K"], settings(r)), []).append(r)
 
-    def distance(a, b):
-        keys = (set(a) | set(b)) - RUN_FIELDS
-        return sum(a.get(k) != b.get(k) for k in keys)
+    def distance(a, b):  # fields both runs read and set differently
+        return sum(a[k] != b[k] for k in (set(a) & set(b)) - RUN_FIELDS - {"method", "steps"})
 
     table = []
     for key, members in groups.items():

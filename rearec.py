@@ -130,6 +130,16 @@ class Config:
 
 
 METHODS = ("base", "naive", "rpe", "erl", "prl")
+# The settings only one method reads (the others ignore them): results.json lists a run's ignored
+# ones as "unused_config", so `data.py --report` neither shows nor matches on them.
+METHOD_FIELDS = {"erl": ("kl_weight", "kl_stopgrad"),
+                 "prl": ("alpha", "noise", "pl_weight", "cl_weight", "cl_tau", "cl_anchors", "cl_reencode",
+                         "warmup", "warmup_steps", "prl_sum")}
+
+
+def unused_config(cfg):
+    """The config fields this run's method ignores (METHOD_FIELDS of the other methods)."""
+    return sorted(f for m, fields in METHOD_FIELDS.items() if m != cfg.method for f in fields)
 MAX_LEN = 10_000  # --max-len cap: 50x SASRec's 200; position tables and (B, L) windows grow with L
 
 
@@ -1441,7 +1451,8 @@ def run(cfg, device):
     except (NonFiniteLoss, data.DataError) as e:
         sys.exit(f"error: {e}")
     view = recommend_view(valid, cfg)
-    results = {"config": dataclasses.asdict(cfg), "dataset": ds.stats, "recommend_view": view,
+    results = {"config": dataclasses.asdict(cfg), "unused_config": unused_config(cfg), "dataset": ds.stats,
+               "recommend_view": view,
                "valid": valid[view], "test": test[view], **analysis_results(valid, test, cfg),
                "epochs": info["epoch"], "best_epoch": info["best_epoch"],
                "train_seconds": info["train_seconds"], "eval_seconds": eval_seconds,

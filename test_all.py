@@ -535,7 +535,8 @@ def fake_rearec_result(folder, method, seed, ndcg10, **config):
     folder.mkdir(parents=True)
     metrics = {"ndcg@10": ndcg10, "recall@10": 2 * ndcg10, "ndcg@20": ndcg10 + 0.01, "recall@20": 0.5}
     (folder / "results.json").write_text(json.dumps(dict(
-        config=cfg, dataset={"name": "data/Toys.txt"}, valid=metrics, test=metrics, best_epoch=seed + 10,
+        config=cfg, unused_config=["alpha"] if method == "base" else [], dataset={"name": "data/Toys.txt"},
+        valid=metrics, test=metrics, best_epoch=seed + 10,
         per_step={"step0": metrics}, oracle=metrics)))
 
 
@@ -558,11 +559,14 @@ def test_report_mean_std_seeds_and_change_against_base(tmp_path, capsys):
     assert base["n"] == 3 and base["stats"]["ndcg@10"] == pytest.approx((0.2, 0.1))  # mean, sample std
     assert base["best_epoch"] == pytest.approx(11)
     assert rows[("rearec", "base", (("tau", 0.5),))]["n"] == 1
-    prl = rows[("rearec", "prl", ())]  # alpha differs from base, but not within the prl runs
+    base_alpha = rows[("rearec", "base", (("tau", 1.0),))]["config"]
+    assert "alpha" not in base_alpha  # base ignores PRL's alpha: no column, no match on it
+    prl = rows[("rearec", "prl", (("alpha", 2.0), ("tau", 1.0)))]  # the settings that differ among the runs
     assert prl["n"] == 2 and prl["stats"]["ndcg@10"] == pytest.approx((0.24, math.sqrt(0.0008)))
     assert prl["base"] is base  # the base run closest in config: tau 1.0, not 0.5
     line = next(l for l in text.splitlines() if "| prl |" in l)
     assert "0.2400 ± 0.0283 (+20.0 %)" in line and line.endswith("| 2 | 10 |")
+    assert "| alpha=2.0, tau=1.0 |" in line
     assert "0.4000 |" in next(l for l in text.splitlines() if "tau=0.5" in l)  # one seed: no ± part
     stage2 = rows[("stream_rec", "stage2", ())]
     assert stage2["K"] == 4 and stage2["base"] is rows[("stream_rec", "base", ())]
