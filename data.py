@@ -1104,7 +1104,7 @@ def result_rows(path, res, views=False):
     if "method" in cfg:  # rearec.py
         base = dict(common, script="rearec", name=cfg["method"], K=cfg.get("steps", 0), best_epoch=res.get("best_epoch"))
         rows.append(dict(base, valid=res.get("valid", {}), test=res.get("test", {})))
-        if views:
+        if views and base["K"] > 0:  # K = 0: the one step is the run itself
             for k, m in (res.get("per_step") or {}).items():
                 rows.append(dict(base, name=f"{cfg['method']} (r_{k[4:]})", valid=(res.get("valid_per_step") or {}).get(k, {}), test=m))
             if res.get("oracle"):

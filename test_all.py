@@ -571,6 +571,9 @@ def test_report_mean_std_seeds_and_change_against_base(tmp_path, capsys):
     stage2 = rows[("stream_rec", "stage2", ())]
     assert stage2["K"] == 4 and stage2["base"] is rows[("stream_rec", "base", ())]
     assert "0.3000 (-25.0 %)" in text and "0.6000 (+20.0 %)" in text
+    _, with_views = data.report([str(tmp_path)], views=True)
+    names = {r["name"] for r in with_views}
+    assert {"prl (r_0)", "prl (oracle)"} <= names and not any(n.startswith("base (") for n in names)  # K = 0: no views
     data.main(["--report", str(tmp_path), "--report-split", "valid", "--views"])
     out = capsys.readouterr().out
     assert "prl (r_0)" in out and "prl (oracle)" in out and "valid ndcg@10" in out
