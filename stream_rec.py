@@ -37,7 +37,7 @@ Run
     python stream_rec.py --stages 3 --overwrite           # rerun stage 3 from the saved stage 2
     python stream_rec.py --resume                         # skip finished stages, continue an interrupted one
     python stream_rec.py --stages 3 --eval-only --trace-decode greedy   # re-evaluate a stage
-    python stream_rec.py --dataset ../shared/data/s3rec/Toys_and_Games.txt   # attributes found beside it
+    python stream_rec.py --dataset DIR/Toys_and_Games.txt   # attributes found beside it
     python stream_rec.py --dataset ml-1m --data-dir DIR   # real data: full epochs, early stopping
     python stream_rec.py --benchmark --dataset ml-1m --data-dir DIR    # timings, peak memory
     Paper-size backbone: --d-model 128 --d-ff 512 --enc-layers 3 --dec-layers 3 --dropout 0.1
