@@ -1298,12 +1298,14 @@ def plot(dirs, out="figures", metric="ndcg@20"):
             ax.legend(fontsize=7, loc="lower right")
             save(fig, f"bars_{ds}.png")
         # 3. Fig. 4 groups: one figure per rearec run family with groups (mean over seeds)
-        fams = {}
+        fams = {}  # runs that differ only in the seed (or where they ran) share a figure
         for p, res in runs:
             if res.get("groups") and "method" in res.get("config", {}):
                 c = res["config"]
-                fams.setdefault((c["method"], c.get("steps", 0)), []).append(res["groups"])
-        for (method, K), gs in fams.items():
+                same = json.dumps({k: v for k, v in c.items() if k not in RUN_FIELDS}, sort_keys=True)
+                fams.setdefault((c["method"], c.get("steps", 0)), {}).setdefault(same, []).append(res["groups"])
+        fams = {(m, K, i if len(f) > 1 else None): gs for (m, K), f in fams.items() for i, gs in enumerate(f.values())}
+        for (method, K, i), gs in fams.items():
             fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
             for ax, gname in zip(axes, ("length", "popularity")):
                 views = list(gs[0][gname]["views"])
@@ -1314,9 +1316,9 @@ def plot(dirs, out="figures", metric="ndcg@20"):
                 ranges = gs[0][gname]["ranges"]
                 ax.set_xticks(np.arange(len(ranges)) + 0.4, [f"Q{i + 1}\n{lo}-{hi}" for i, (lo, hi) in enumerate(ranges)],
                               fontsize=7)
-                ax.set(title=f"{ds} {method} K={K}: test ndcg@10 by {gname}")
+                ax.set_title(f"{ds} {method} K={K}\ntest ndcg@10 by {gname} quartile", fontsize=9)
             axes[0].legend(fontsize=6)
-            save(fig, f"groups_{ds}_{method}{K}.png")
+            save(fig, f"groups_{ds}_{method}{K}" + (f"_{i + 1}" if i is not None else "") + ".png")
         # 4. Fig. 5 K sweep: methods run at two or more K with otherwise equal settings
         sweeps = {}
         for r in methods:
