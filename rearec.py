@@ -80,7 +80,7 @@ class Config:
     max_len: int = 0  # L, items of history read; 0 = auto, per dataset (AUTO_PROFILES: 200 if the average sequence is > 100 items, as SASRec on ML-1M, else 50, the paper's setup)
     mask_history: bool = True  # evaluation: do not rank items already in the history (Deviation: paper/official do not mask; --no-mask-history)
     # model
-    method: str = "prl"  # base | naive | rpe | erl | prl (paper §3, §4.3.2 ablations)
+    method: str = "auto"  # base | naive | rpe | erl | prl (paper §3, §4.3.2 ablations); auto = per dataset (AUTO_PROFILES: the best on validation of the sweeps)
     backbone: str = "sasrec"  # sasrec (causal) | bert4rec (bidirectional items, paper's prefix mask)
     steps: int = 2  # K, reasoning steps (paper: best at 2; official: reason_step); base uses 0
     hidden: int = 64  # D (Deviation: paper/official 256; 64 keeps ML-1M practical on a CPU)
@@ -91,10 +91,10 @@ class Config:
     emb_dropout: float = 0.2  # dropout on every input token (official: hard-coded 0.2)
     tau: float = 0.0  # softmax temperature of every CE and of the InfoNCE; 0 = auto, per dataset (AUTO_PROFILES; Deviation: official default 0.07, not in the paper's grid)
     # ERL (paper §3.2)
-    kl_weight: float = 0.05  # lambda (official default; paper grid 0.001-0.1, safer <= 0.01); at most 1: above, maximising the KL outweighs the CE
+    kl_weight: float = 0.01  # lambda (paper grid 0.001-0.1; official default 0.05, its issue #4 advises lower; Toys screen, README "Tuning"); at most 1: above, maximising the KL outweighs the CE
     kl_stopgrad: bool = True  # stop-gradient on log p_i in KL(p_j || p_i) (official code)
     # PRL (paper §3.3)
-    alpha: float = 5.0  # temperature growth per step back (official: temp_scale)
+    alpha: float = 1.5  # temperature growth per step back (official temp_scale 5; paper grid 1.2-5: 1.5 best of the Toys screens, README "Tuning")
     noise: float = 0.01  # gamma, the STD of the noise on reasoning inputs (official noise_factor; the paper's N(0, gamma I) reads as a variance)
     pl_weight: float = 1.0  # weight of the progressive CE on steps 0..K-1 (official)
     cl_weight: float = 1.0  # weight of the reasoning-aware contrastive term (official)
@@ -151,20 +151,24 @@ def field_help():
         return {}
 
 
-# Per-dataset defaults, from the validation sweeps in the README ("Tuning"). --max-len 0, --tau 0 and
-# --dropout -1 take the profile of the data's average sequence length:
-#   long  (> 100 items: MovieLens-like; tuned on ML-1M)            SASRec's L = 200, its dropout 0.2
-#   short (sparse Amazon-like; tuned on S3-Rec's Toys 5-core)      ReaRec's L = 50, the official dropout 0.5
-AUTO_PROFILES = {"long": {"max_len": 200, "tau": 0.5, "dropout": 0.2},
-                 "short": {"max_len": 50, "tau": 2.0, "dropout": 0.5}}
+# Per-dataset defaults, from the validation sweeps in the README ("Tuning"). --method auto,
+# --max-len 0, --tau 0 and --dropout -1 take the profile of the data's average sequence length:
+#   long  (> 100 items: MovieLens-like; tuned on ML-1M): SASRec's L = 200 and dropout 0.2; no
+#         reasoning method has beaten base there yet (README), so base recommends
+#   short (sparse Amazon-like; tuned on S3-Rec's Toys 5-core): ReaRec's L = 50, the official
+#         dropout 0.5, and ERL, the best method on validation
+AUTO_PROFILES = {"long": {"method": "base", "max_len": 200, "tau": 0.5, "dropout": 0.2},
+                 "short": {"method": "erl", "max_len": 50, "tau": 5.0, "dropout": 0.5}}
+AUTO_VALUE = {"method": "auto", "max_len": 0, "tau": 0, "dropout": -1}  # the value that means "auto"
 
 
 def resolve_auto(cfg, avg_len, verbose=True):
-    """Fill the auto settings (max_len 0, tau 0, dropout -1) from AUTO_PROFILES and say so."""
+    """Fill the auto settings (AUTO_VALUE) from AUTO_PROFILES and say so."""
     name = "long" if avg_len > 100 else "short"
-    auto = {k: v for k, v in AUTO_PROFILES[name].items() if getattr(cfg, k) == (-1 if k == "dropout" else 0)}
+    auto = {k: v for k, v in AUTO_PROFILES[name].items() if getattr(cfg, k) == AUTO_VALUE[k]}
     for k, v in auto.items():
         setattr(cfg, k, v)
+    no_steps_for_base(cfg)
     if auto and verbose:
         print(f"auto settings for {name} sequences (average {avg_len} items; the README's sweeps): "
               + ", ".join(f"{k} {v}" for k, v in auto.items()))
@@ -195,7 +199,7 @@ def parse_args(argv=None):
         if isinstance(v, float) and not math.isfinite(v):
             sys.exit(f"error: --{f.name.replace('_', '-')} must be a finite number, not {v}")
     for ok, message in [
-        (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}"),
+        (cfg.method in METHODS + ("auto",), f"--method must be auto or one of {', '.join(METHODS)}, not {cfg.method!r}"),
         (cfg.backbone in ("sasrec", "bert4rec"), f"--backbone must be sasrec or bert4rec, not {cfg.backbone!r}"),
         (cfg.steps >= 0, f"--steps must be >= 0, not {cfg.steps}"),
         (cfg.heads >= 1, f"--heads must be >= 1, not {cfg.heads}"),
@@ -231,6 +235,10 @@ def parse_args(argv=None):
     ]:
         if not ok:
             sys.exit(f"error: {message}")
+    return no_steps_for_base(cfg)
+
+
+def no_steps_for_base(cfg):
     if cfg.method == "base":
         cfg.steps = 0  # base = the plain backbone: no reasoning steps
     return cfg

@@ -1178,7 +1178,7 @@ def test_cli_results_json_seed_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "cot"], "--method must be one of"),
+    (["--method", "cot"], "--method must be auto or one of"),
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--hidden", "30", "--heads", "4"], "multiple of --heads"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
@@ -2193,7 +2193,8 @@ def test_auto_settings_follow_the_sequence_length():
     long = rearec.resolve_auto(rearec.parse_args([]), avg_len=165.5, verbose=False)
     short = rearec.resolve_auto(rearec.parse_args([]), avg_len=8.6, verbose=False)
     for cfg, name in [(long, "long"), (short, "short")]:
-        assert {k: getattr(cfg, k) for k in ("max_len", "tau", "dropout")} == rearec.AUTO_PROFILES[name]
+        assert {k: getattr(cfg, k) for k in ("method", "max_len", "tau", "dropout")} == rearec.AUTO_PROFILES[name]
+        assert cfg.steps == (0 if cfg.method == "base" else 2)  # base: no reasoning steps
     assert long.tau != short.tau or long.dropout != short.dropout  # the profiles differ
     given = rearec.resolve_auto(rearec.parse_args(["--tau", "0.3", "--dropout", "0.0", "--max-len", "7"]),
                                 avg_len=165.5, verbose=False)
