@@ -21,7 +21,7 @@ Implements:
 Omits: the text-based backbones (UniSRec, MoRec: LLaMA features, not released).
 
 Run:
-    python rearec.py                                     # synthetic data, PRL, K=2: ~1-3 min on CPU
+    python rearec.py                                     # synthetic data, --method auto (ERL, K=2): ~1-3 min on CPU
     python rearec.py --method base                       # plain SASRec on the same data
     python rearec.py --dataset ml-1m --device cuda       # ML-1M, downloaded into ./data once
     python rearec.py --dataset path/to/ml-1m.txt --benchmark   # speed and memory, K=0 vs K=2
