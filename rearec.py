@@ -1162,7 +1162,7 @@ def train(cfg, model, ds, device):
         ck = load_checkpoint(last_path, device, ("model", "optimizer", "config", "state", "rng"))
         defaults = {f.name: f.default for f in dataclasses.fields(Config)}  # fields newer than the checkpoint
         diff = {k: (ck["config"].get(k, defaults[k]), v) for k, v in dataclasses.asdict(cfg).items()
-                if k not in RUN_ONLY and ck["config"].get(k, defaults[k]) != v}
+                if k not in RUN_ONLY and k not in unused_config(cfg) and ck["config"].get(k, defaults[k]) != v}
         if diff:
             sys.exit(f"error: --resume: {last_path} was trained with other settings "
                      f"{ {k: old for k, (old, new) in diff.items()} }; pass the same flags or a new --out")

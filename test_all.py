@@ -1169,6 +1169,10 @@ def test_cli_results_json_seed_and_resume(tmp_path):
     assert c["test"] == a["test"]
     with pytest.raises(SystemExit, match="other settings"):
         rearec.main(common + ["--epochs", "3", "--out", str(tmp_path / "c"), "--resume", "--lr", "0.01"])
+    assert saved["config"]["method"] == "erl"  # --method auto on short sequences
+    with pytest.raises(SystemExit, match="other settings"):  # a setting ERL reads
+        rearec.main(common + ["--epochs", "3", "--out", str(tmp_path / "c"), "--resume", "--kl-weight", "0.02"])
+    rearec.main(common + ["--epochs", "2", "--out", str(tmp_path / "c"), "--resume", "--alpha", "3"])  # one it ignores
     # --select-step auto: the recommending view is the best on validation (the oracle excluded)
     d = rearec.main(common + ["--epochs", "2", "--out", str(tmp_path / "c"), "--resume", "--select-step", "auto"])
     saved = json.loads((tmp_path / "c" / "results.json").read_text())
