@@ -21,8 +21,8 @@ Implements:
 Omits: the text-based backbones (UniSRec, MoRec: LLaMA features, not released).
 
 Run:
-    python rearec.py                                     # synthetic data, --method auto (ERL, K=2): ~1-3 min on CPU
-    python rearec.py --method base                       # plain SASRec on the same data
+    python rearec.py --method erl                        # synthetic data, ERL, K=2: ~1-3 min on CPU
+    python rearec.py                                     # plain SASRec (the default, --method base)
     python rearec.py --dataset ml-1m --device cuda       # ML-1M, downloaded into ./data once
     python rearec.py --dataset path/to/ml-1m.txt --benchmark   # speed and memory, K=0 vs K=2
     for K in 1 2 3 4 5; do python rearec.py --steps $K --out runs/k$K; done   # the K sweep (Fig. 5) ...
@@ -80,7 +80,7 @@ class Config:
     max_len: int = 0  # L, items of history read; 0 = auto, per dataset (AUTO_PROFILES: 200 if the average sequence is > 100 items, as SASRec on ML-1M, else 50, the paper's setup)
     mask_history: bool = True  # evaluation: do not rank items already in the history (Deviation: paper/official do not mask; --no-mask-history)
     # model
-    method: str = "auto"  # base | naive | rpe | erl | prl (paper §3, §4.3.2 ablations); auto = per dataset (AUTO_PROFILES: the best on validation of the sweeps)
+    method: str = "base"  # base | naive | rpe | erl | prl (paper §3, §4.3.2 ablations). base: no reasoning method beat it in the sweeps (README "Tuning"; official default: PRL)
     backbone: str = "sasrec"  # sasrec (causal) | bert4rec (bidirectional items, paper's prefix mask)
     steps: int = 2  # K, reasoning steps (paper: best at 2; official: reason_step); base uses 0
     hidden: int = 64  # D (Deviation: paper/official 256; 64 keeps ML-1M practical on a CPU)
@@ -151,15 +151,13 @@ def field_help():
         return {}
 
 
-# Per-dataset defaults, from the validation sweeps in the README ("Tuning"). --method auto,
-# --max-len 0, --tau 0 and --dropout -1 take the profile of the data's average sequence length:
-#   long  (> 100 items: MovieLens-like; tuned on ML-1M): SASRec's L = 200 and dropout 0.2; no
-#         reasoning method has beaten base there yet (README), so base recommends
-#   short (sparse Amazon-like; tuned on S3-Rec's Toys 5-core): ReaRec's L = 50, the official
-#         dropout 0.5, and ERL, the best method on validation
-AUTO_PROFILES = {"long": {"method": "base", "max_len": 200, "tau": 0.5, "dropout": 0.2},
-                 "short": {"method": "erl", "max_len": 50, "tau": 5.0, "dropout": 0.5}}
-AUTO_VALUE = {"method": "auto", "max_len": 0, "tau": 0, "dropout": -1}  # the value that means "auto"
+# Per-dataset defaults, from the validation sweeps in the README ("Tuning"). --max-len 0, --tau 0
+# and --dropout -1 take the profile of the data's average sequence length:
+#   long  (> 100 items: MovieLens-like; tuned on ML-1M): SASRec's L = 200 and dropout 0.2
+#   short (sparse Amazon-like; tuned on S3-Rec's Toys 5-core): ReaRec's L = 50, the official dropout 0.5
+AUTO_PROFILES = {"long": {"max_len": 200, "tau": 0.5, "dropout": 0.2},
+                 "short": {"max_len": 50, "tau": 5.0, "dropout": 0.5}}
+AUTO_VALUE = {"max_len": 0, "tau": 0, "dropout": -1}  # the value that means "auto"
 
 
 def resolve_auto(cfg, avg_len, verbose=True):
@@ -168,7 +166,6 @@ def resolve_auto(cfg, avg_len, verbose=True):
     auto = {k: v for k, v in AUTO_PROFILES[name].items() if getattr(cfg, k) == AUTO_VALUE[k]}
     for k, v in auto.items():
         setattr(cfg, k, v)
-    no_steps_for_base(cfg)
     if auto and verbose:
         print(f"auto settings for {name} sequences (average {avg_len} items; the README's sweeps): "
               + ", ".join(f"{k} {v}" for k, v in auto.items()))
@@ -199,7 +196,7 @@ def parse_args(argv=None):
         if isinstance(v, float) and not math.isfinite(v):
             sys.exit(f"error: --{f.name.replace('_', '-')} must be a finite number, not {v}")
     for ok, message in [
-        (cfg.method in METHODS + ("auto",), f"--method must be auto or one of {', '.join(METHODS)}, not {cfg.method!r}"),
+        (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, not {cfg.method!r}"),
         (cfg.backbone in ("sasrec", "bert4rec"), f"--backbone must be sasrec or bert4rec, not {cfg.backbone!r}"),
         (cfg.steps >= 0, f"--steps must be >= 0, not {cfg.steps}"),
         (cfg.heads >= 1, f"--heads must be >= 1, not {cfg.heads}"),
@@ -235,10 +232,6 @@ def parse_args(argv=None):
     ]:
         if not ok:
             sys.exit(f"error: {message}")
-    return no_steps_for_base(cfg)
-
-
-def no_steps_for_base(cfg):
     if cfg.method == "base":
         cfg.steps = 0  # base = the plain backbone: no reasoning steps
     return cfg

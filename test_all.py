@@ -1144,7 +1144,7 @@ def test_each_method_learns_the_synthetic_data(tmp_path, method):
 
 def test_cli_results_json_seed_and_resume(tmp_path):
     path = synthetic_file(tmp_path, 200)
-    common = ["--dataset", path, "--hidden", "16", "--warmup", "0", "--batch-size", "64", "--max-len", "20"]
+    common = ["--dataset", path, "--method", "prl", "--hidden", "16", "--warmup", "0", "--batch-size", "64", "--max-len", "20"]
     a = rearec.main(common + ["--epochs", "2", "--out", str(tmp_path / "a")])
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     for key in ("config", "dataset", "valid", "test", "per_step", "oracle", "epochs", "train_seconds", "eval_seconds"):
@@ -1169,10 +1169,9 @@ def test_cli_results_json_seed_and_resume(tmp_path):
     assert c["test"] == a["test"]
     with pytest.raises(SystemExit, match="other settings"):
         rearec.main(common + ["--epochs", "3", "--out", str(tmp_path / "c"), "--resume", "--lr", "0.01"])
-    assert saved["config"]["method"] == "erl"  # --method auto on short sequences
-    with pytest.raises(SystemExit, match="other settings"):  # a setting ERL reads
-        rearec.main(common + ["--epochs", "3", "--out", str(tmp_path / "c"), "--resume", "--kl-weight", "0.02"])
-    rearec.main(common + ["--epochs", "2", "--out", str(tmp_path / "c"), "--resume", "--alpha", "3"])  # one it ignores
+    with pytest.raises(SystemExit, match="other settings"):  # a setting PRL reads
+        rearec.main(common + ["--epochs", "3", "--out", str(tmp_path / "c"), "--resume", "--alpha", "3"])
+    rearec.main(common + ["--epochs", "2", "--out", str(tmp_path / "c"), "--resume", "--kl-weight", "0.02"])  # one it ignores
     # --select-step auto: the recommending view is the best on validation (the oracle excluded)
     d = rearec.main(common + ["--epochs", "2", "--out", str(tmp_path / "c"), "--resume", "--select-step", "auto"])
     saved = json.loads((tmp_path / "c" / "results.json").read_text())
@@ -1182,7 +1181,7 @@ def test_cli_results_json_seed_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "cot"], "--method must be auto or one of"),
+    (["--method", "cot"], "--method must be one of"),
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--hidden", "30", "--heads", "4"], "multiple of --heads"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
@@ -2197,8 +2196,7 @@ def test_auto_settings_follow_the_sequence_length():
     long = rearec.resolve_auto(rearec.parse_args([]), avg_len=165.5, verbose=False)
     short = rearec.resolve_auto(rearec.parse_args([]), avg_len=8.6, verbose=False)
     for cfg, name in [(long, "long"), (short, "short")]:
-        assert {k: getattr(cfg, k) for k in ("method", "max_len", "tau", "dropout")} == rearec.AUTO_PROFILES[name]
-        assert cfg.steps == (0 if cfg.method == "base" else 2)  # base: no reasoning steps
+        assert {k: getattr(cfg, k) for k in ("max_len", "tau", "dropout")} == rearec.AUTO_PROFILES[name]
     assert long.tau != short.tau or long.dropout != short.dropout  # the profiles differ
     given = rearec.resolve_auto(rearec.parse_args(["--tau", "0.3", "--dropout", "0.0", "--max-len", "7"]),
                                 avg_len=165.5, verbose=False)
