@@ -1171,6 +1171,7 @@ def train(cfg, model, ds, device):
     n_rows = int((ds.train.lengths() >= 2).sum())
     saved = copy.deepcopy(state)  # what last.pt holds for this run (epoch 0: nothing yet)
     epoch = state["epoch"] + 1
+    cl_was_on = state["step"] > 0 and contrastive_on(cfg, state["epoch"], state["step"] - 1)  # at the last step done
     try:
         while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
             epoch = state["epoch"] + 1
@@ -1179,9 +1180,10 @@ def train(cfg, model, ds, device):
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # same order on resume
             for step, (inputs, targets) in enumerate(batches(ds, cfg, device, gen)):
                 use_cl = contrastive_on(cfg, epoch, state["step"])
-                if use_cl and not contrastive_on(cfg, epoch, state["step"] - 1):
+                if use_cl and not cl_was_on:
                     print(f"contrastive term on from optimiser step {state['step'] + 1} (epoch {epoch}, "
                           f"batch {step + 1})", flush=True)
+                cl_was_on = use_cl
                 with autocast(cfg, device):
                     loss, terms, n = compute_loss(model, inputs, targets, cfg, use_cl)
                 if not torch.isfinite(loss):

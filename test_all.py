@@ -1016,6 +1016,9 @@ def test_training_switches_the_contrastive_term_on_at_the_step(tmp_path, capsys)
                        "--out", str(tmp_path / "run")])
     assert "contrastive term on from optimiser step 11 (epoch 2, batch 4)" in capsys.readouterr().out
     assert "cl" not in res["history"][0] and res["history"][1]["cl"] > 0
+    rearec.main(["--dataset", synthetic_file(tmp_path, 200), "--method", "prl", "--epochs", "2", "--warmup", "1",
+                 "--hidden", "16", "--batch-size", "32", "--max-len", "20", "--out", str(tmp_path / "epochs")])
+    assert "contrastive term on from optimiser step 8 (epoch 2, batch 1)" in capsys.readouterr().out  # --warmup epochs
 
 
 def test_per_step_and_oracle_metrics_by_hand(tmp_path):
