@@ -1299,11 +1299,12 @@ def plot(dirs, out="figures", metric="ndcg@20"):
             save(fig, f"bars_{ds}.png")
         # 3. Fig. 4 groups: one figure per rearec run family with groups (mean over seeds)
         fams = {}  # runs that differ only in the seed (or where they ran) share a figure
-        for p, res in runs:
-            if res.get("groups") and "method" in res.get("config", {}):
-                c = res["config"]
-                same = json.dumps({k: v for k, v in c.items() if k not in RUN_FIELDS}, sort_keys=True)
-                fams.setdefault((c["method"], c.get("steps", 0)), {}).setdefault(same, []).append(res["groups"])
+        grouped = [(p, res) for p, res in runs if res.get("groups") and "method" in res.get("config", {})]
+        shared = set.intersection(*(set(res["config"]) for _, res in grouped)) if grouped else set()
+        for p, res in grouped:  # compare the settings every run has and its method reads
+            c = res["config"]
+            same = json.dumps({k: c[k] for k in shared - RUN_FIELDS - set(res.get("unused_config", ()))}, sort_keys=True)
+            fams.setdefault((c["method"], c.get("steps", 0)), {}).setdefault(same, []).append(res["groups"])
         fams = {(m, K, i if len(f) > 1 else None): gs for (m, K), f in fams.items() for i, gs in enumerate(f.values())}
         for (method, K, i), gs in fams.items():
             fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
