@@ -988,7 +988,8 @@ def step_views(model, R, cfg, selector=None, lengths=None):
 
 def selector_cases(model, ds, cfg, device, cases=20_000):
     """The cases a StepSelector is fitted on, with its inputs and each step's rank of the true
-    next item (among all items, history included):
+    next item (validation: ranked as the evaluation ranks, the history masked with --mask-history;
+    training positions: among all items):
         --selector-fit valid: the validation cases (the held-out cases that choose between the
             selectors too; test never);
         --selector-fit train: up to `cases` random supervised positions of the training sequences.
@@ -996,10 +997,15 @@ def selector_cases(model, ds, cfg, device, cases=20_000):
     K, E = cfg.steps, model.item_emb.weight
     feats = {"R": [], "entropy": [], "top1": [], "rank": [], "case": []}
 
-    def add(R, t, lengths):  # R (c, K+1, D) float, t (c,) item ids, lengths (c,) items in the window
+    def add(R, t, lengths, exclude=None):  # R (c, K+1, D) float, t (c,) item ids, lengths (c,) items in the window
         logp, entropy, top1 = step_log_probs(R, E, cfg)
         target = logp.gather(-1, (t - 1)[:, None, None].expand(-1, K + 1, 1))  # (c, K+1, 1)
-        feats["rank"].append((logp > target).sum(-1) + 1)
+        ranked = logp
+        if exclude is not None:  # as the evaluation ranks: the history out, the target kept
+            drop = torch.zeros(len(t), E.shape[0], dtype=torch.bool, device=t.device).scatter_(1, exclude, True)
+            drop.scatter_(1, t[:, None], False)  # (c, N+1)
+            ranked = logp.masked_fill(drop[:, None, 1:], -math.inf)
+        feats["rank"].append((ranked > target).sum(-1) + 1)
         feats["R"].append(R), feats["entropy"].append(entropy), feats["top1"].append(top1)
         feats["case"].append(case_features(lengths, top10_overlap(logp), entropy))
 
@@ -1008,9 +1014,11 @@ def selector_cases(model, ds, cfg, device, cases=20_000):
             split = ds.valid
             for b in range(0, len(split), cfg.eval_batch_size):
                 rows = np.arange(b, min(b + cfg.eval_batch_size, len(split)))
-                hist = torch.from_numpy(data.windows(split.items, split.starts[rows], split.ends[rows],
-                                                     cfg.max_len)).to(device)
-                add(model(hist).float(), torch.from_numpy(split.targets[rows]).to(device), (hist != data.PAD).sum(1))
+                starts, ends = split.starts[rows], split.ends[rows]
+                hist = torch.from_numpy(data.windows(split.items, starts, ends, cfg.max_len)).to(device)
+                seen = (torch.from_numpy(data.windows(split.items, starts, ends, max(int((ends - starts).max()), 1)))
+                        .to(device) if cfg.mask_history else None)  # the whole history, as data.evaluate
+                add(model(hist).float(), torch.from_numpy(split.targets[rows]).to(device), (hist != data.PAD).sum(1), seen)
         else:
             per_row = max(1, math.ceil(cases / max(len(ds.train), 1)))
             gen = torch.Generator().manual_seed(cfg.seed + 7)

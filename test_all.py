@@ -1078,6 +1078,20 @@ def test_label_free_selectors_on_hand_made_states():
     assert views["main"].shape == (3, 31) and torch.equal(views["main"], views["step2"])  # rpe: r_K
 
 
+def test_selector_cases_rank_as_the_evaluation_does(tmp_path):
+    """The validation ranks the selector is fitted on are the evaluation's: each step's mean 1/rank
+    equals that step's MRR from data.evaluate (history masked), and differs without the masking."""
+    ds = data.load_dataset(synthetic_file(tmp_path, 150), verbose=False)
+    model = tiny_rearec("prl", 2, n_items=ds.n_items, max_len=20)
+    f = rearec.selector_cases(model, ds, model.cfg, "cpu")
+    res = rearec.evaluate(model, ds.valid, model.cfg, "cpu", analysis=True)
+    for k in range(3):
+        assert (1.0 / f["rank"][:, k].double()).mean().item() == pytest.approx(res[f"step{k}"]["mrr"], rel=1e-6)
+    model.cfg.mask_history = False
+    unmasked = rearec.selector_cases(model.eval(), ds, model.cfg, "cpu")  # evaluate() left it in train mode
+    assert (unmasked["rank"] >= f["rank"]).all() and (unmasked["rank"] > f["rank"]).any()
+
+
 def test_learned_selector_learns_a_planted_rule():
     """Cases with short histories are ranked best by step 0, long ones by step 2 (ranks 1 vs 50);
     nothing else tells them apart. The fitted head must pick the right step for nearly all."""
