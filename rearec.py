@@ -920,15 +920,43 @@ class StepSelector(nn.Module):
         self.score = nn.Linear(D + 2, 1)
         self.step_bias = nn.Parameter(torch.zeros(K + 1))
         self.case_weight = nn.Parameter(torch.zeros(n_case, K + 1))
-        nn.init.zeros_(self.score.weight)  # starts as the uniform mixture
+        nn.init.zeros_(self.score.weight)  # starts as the uniform mixture (and deterministically:
+        nn.init.zeros_(self.score.bias)    # the bias, common to all steps, cancels in the softmax)
         self.register_buffer("case_mean", torch.zeros(n_case))  # set by fit_selector
         self.register_buffer("case_std", torch.ones(n_case))
 
-    def forward(self, R, entropy, top1, case):
+    def forward(self, R, entropy, top1, case, fold=None):
         # R (B, K+1, D); entropy, top1 (B, K+1); case (B, n_case) -> log weights (B, K+1)
+        # (fold: read by CrossFitSelector only)
         feats = torch.cat([R / math.sqrt(R.shape[-1]), entropy[..., None], top1[..., None]], dim=-1)
         case = (case - self.case_mean) / self.case_std
         return F.log_softmax(self.score(feats)[..., 0] + self.step_bias + case @ self.case_weight, dim=-1)
+
+
+class CrossFitSelector(nn.Module):
+    """A StepSelector fitted on the validation cases, plus two heads for an honest validation
+    score (cross-fitting): the cases are split in two folds by case_fold, heads[f] is fitted on
+    the other fold's cases and scores fold f's. So no validation case's own label picks its step,
+    and the validation score that chooses between the selectors is out of sample.
+    held_out=True (the validation evaluation): the heads; False (test): `full`, fitted on all of
+    the validation cases."""
+
+    def __init__(self, full, heads):
+        super().__init__()
+        self.full, self.heads, self.held_out = full, nn.ModuleList(heads), False
+
+    def forward(self, R, entropy, top1, case, fold=None):
+        if not self.held_out:
+            return self.full(R, entropy, top1, case)
+        logw0, logw1 = (h(R, entropy, top1, case) for h in self.heads)  # (B, K+1) each
+        return torch.where((fold == 0)[:, None], logw0, logw1)
+
+
+def case_fold(hist):
+    """(B, L) history windows -> (B,) fold 0/1 for cross-fitting: the parity of the sum of the
+    item ids in the window. Label-free, the same in selector_cases and in evaluate (cutting
+    padding columns leaves it unchanged), and about half the cases in each fold."""
+    return hist.sum(1) % 2
 
 
 def step_log_probs(R, E, cfg):
@@ -952,7 +980,7 @@ def case_features(lengths, overlap, entropy):
     return torch.stack([torch.log1p(lengths.float()), overlap[:, 0], overlap[:, -1], entropy.mean(1)], dim=1)
 
 
-def step_views(model, R, cfg, selector=None, lengths=None):
+def step_views(model, R, cfg, selector=None, lengths=None, folds=None):
     """Every view of the states R (B, K+1, D): scores (B, N+1) per view, or (scores, {stat: (B,)}).
         main       the method's own rule (ERL: the mean state, else r_K)
         step0..K   one step alone
@@ -961,7 +989,7 @@ def step_views(model, R, cfg, selector=None, lengths=None):
         halt<θ>    think step by step; stop at the first step whose top-10 list shares a fraction
                    >= θ of its items with the previous step's ("steps" = reasoning steps computed)
         learned, learned-mix   the StepSelector's choice / mixture (a selector and the cases'
-                   history lengths, (B,), given)
+                   history lengths, (B,), given; folds (B,) for a CrossFitSelector)
     "step" = the mean chosen step index of a one-step choice."""
     E = model.item_emb.weight
     B, S, _ = R.shape
@@ -980,7 +1008,7 @@ def step_views(model, R, cfg, selector=None, lengths=None):
         scores, stats = pick(k)
         views[f"halt{theta}"] = (scores, {"steps": k.double()})
     if selector is not None:
-        logw = selector(R, entropy, top1, case_features(lengths, overlap, entropy))  # (B, K+1)
+        logw = selector(R, entropy, top1, case_features(lengths, overlap, entropy), folds)  # (B, K+1)
         views["learned"] = pick(logw.argmax(1))
         views["learned-mix"] = F.pad(torch.logsumexp(logw[..., None] + logp, dim=1), (1, 0))
     return views
@@ -988,16 +1016,17 @@ def step_views(model, R, cfg, selector=None, lengths=None):
 
 def selector_cases(model, ds, cfg, device, cases=20_000):
     """The cases a StepSelector is fitted on, with its inputs and each step's rank of the true
-    next item (validation: ranked as the evaluation ranks, the history masked with --mask-history;
-    training positions: among all items):
+    next item, ranked as the evaluation ranks (with --mask-history the case's history is out of
+    the ranking: the whole history for validation, the items up to the position in the training
+    window for training positions):
         --selector-fit valid: the validation cases (the held-out cases that choose between the
-            selectors too; test never);
+            selectors too, cross-fitted; test never);
         --selector-fit train: up to `cases` random supervised positions of the training sequences.
-    Returns {"R": (c, K+1, D), "entropy", "top1", "rank": (c, K+1), "case": (c, 4)}."""
+    Returns {"R": (c, K+1, D), "entropy", "top1", "rank": (c, K+1), "case": (c, 4), "fold": (c,)}."""
     K, E = cfg.steps, model.item_emb.weight
-    feats = {"R": [], "entropy": [], "top1": [], "rank": [], "case": []}
+    feats = {"R": [], "entropy": [], "top1": [], "rank": [], "case": [], "fold": []}
 
-    def add(R, t, lengths, exclude=None):  # R (c, K+1, D) float, t (c,) item ids, lengths (c,) items in the window
+    def add(R, t, lengths, exclude, fold):  # R (c, K+1, D) float, t (c,) item ids, lengths (c,) items in the window
         logp, entropy, top1 = step_log_probs(R, E, cfg)
         target = logp.gather(-1, (t - 1)[:, None, None].expand(-1, K + 1, 1))  # (c, K+1, 1)
         ranked = logp
@@ -1008,6 +1037,7 @@ def selector_cases(model, ds, cfg, device, cases=20_000):
         feats["rank"].append((ranked > target).sum(-1) + 1)
         feats["R"].append(R), feats["entropy"].append(entropy), feats["top1"].append(top1)
         feats["case"].append(case_features(lengths, top10_overlap(logp), entropy))
+        feats["fold"].append(fold)
 
     with torch.no_grad():
         if cfg.selector_fit == "valid":
@@ -1018,7 +1048,8 @@ def selector_cases(model, ds, cfg, device, cases=20_000):
                 hist = torch.from_numpy(data.windows(split.items, starts, ends, cfg.max_len)).to(device)
                 seen = (torch.from_numpy(data.windows(split.items, starts, ends, max(int((ends - starts).max()), 1)))
                         .to(device) if cfg.mask_history else None)  # the whole history, as data.evaluate
-                add(model(hist).float(), torch.from_numpy(split.targets[rows]).to(device), (hist != data.PAD).sum(1), seen)
+                add(model(hist).float(), torch.from_numpy(split.targets[rows]).to(device), (hist != data.PAD).sum(1), seen,
+                    case_fold(hist))
         else:
             per_row = max(1, math.ceil(cases / max(len(ds.train), 1)))
             gen = torch.Generator().manual_seed(cfg.seed + 7)
@@ -1032,7 +1063,9 @@ def selector_cases(model, ds, cfg, device, cases=20_000):
                 h, cache, key_ok = model.encode(inputs)
                 r0 = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
                 seen = (inputs != data.PAD).cumsum(1).gather(1, pos)  # (B, P) items up to each position
-                add(model.reason(cache, key_ok, pos, r0, K)[ok].float(), targets.gather(1, pos)[ok], seen[ok])
+                hist = inputs[:, None, :].masked_fill(torch.arange(L, device=device) > pos[..., None], data.PAD)  # (B, P, L)
+                add(model.reason(cache, key_ok, pos, r0, K)[ok].float(), targets.gather(1, pos)[ok], seen[ok],
+                    hist[ok] if cfg.mask_history else None, torch.zeros_like(seen[ok]))
     return {k: torch.cat(v)[:cases] for k, v in feats.items()}
 
 
@@ -1045,12 +1078,19 @@ def fit_selector(model, ds, cfg, device, cases=20_000, steps=300):
     Why validation by default: on training positions, which the model has fitted, the step the
     loss trains ranks the target best almost everywhere, so a head fitted there learns to pick
     that step. Fitted on validation, its 82 parameters (D = 64, K = 2) see 19,412 held-out cases
-    (Toys; 6,040 on ML-1M), and its validation score, in sample, is what chooses it against the
-    label-free rules. Returns the selector."""
+    (Toys; 6,040 on ML-1M), and its validation score is what chooses it against the
+    label-free rules, cross-fitted (CrossFitSelector) so that score is out of sample. Returns the
+    selector."""
     model.eval()
-    selector = train_selector(selector_cases(model, ds, cfg, device, cases), cfg.steps, steps)
+    f = selector_cases(model, ds, cfg, device, cases)
     model.train()
-    return selector
+    return cross_fit_selector(f, cfg.steps, steps) if cfg.selector_fit == "valid" else train_selector(f, cfg.steps, steps)
+
+
+def cross_fit_selector(f, K, steps=300):
+    """A head on all of f's cases, and heads[k] on the cases outside fold k (CrossFitSelector)."""
+    other = lambda k: {name: v[f["fold"] != k] for name, v in f.items()}
+    return CrossFitSelector(train_selector(f, K, steps), [train_selector(other(k), K, steps) for k in (0, 1)])
 
 
 def train_selector(f, K, steps=300):
@@ -1078,18 +1118,21 @@ def choose_selector(valid, cfg):
 # -----------------------------------------------------------------------------
 # Evaluation (the shared full-ranking protocol of data.py)
 # -----------------------------------------------------------------------------
-def evaluate(model, split, cfg, device, analysis=False, selector=None, groups=None):
+def evaluate(model, split, cfg, device, analysis=False, selector=None, groups=None, held_out=False):
     """Full-ranking metrics of the model's recommendation state (ERL: mean, else r_K).
 
     analysis=True adds one view per reasoning step r_0..r_K, the step selectors (step_views) and
     the "oracle": per case the step that ranks the target best, chosen with the label: the
     ceiling an ideal step selector could reach (paper Fig. 2; Reconstructed: the paper gives no
     formula and the code has none, this is its "post-hoc optimal reasoning step" read per test
-    case). groups: data.case_groups(...) for per-quartile metrics (paper Fig. 4).
+    case). groups: data.case_groups(...) for per-quartile metrics (paper Fig. 4). held_out: score
+    each case with the CrossFitSelector head not fitted on it (the validation evaluation).
     Returns {metric: v} or {"main"/"step0"/.../"oracle": {metric: v}, "groups": ...}.
     """
     model.eval()
     E = model.item_emb.weight
+    if isinstance(selector, CrossFitSelector):
+        selector.held_out = held_out
 
     def score_fn(hist):  # hist (B, L)
         with autocast(cfg, device):
@@ -1097,7 +1140,7 @@ def evaluate(model, split, cfg, device, analysis=False, selector=None, groups=No
         R = R.float()
         if not analysis:
             return model.user_state(R) @ E.T  # (B, N+1); tau does not change a ranking
-        return step_views(model, R, cfg, selector, lengths=(hist != data.PAD).sum(1))
+        return step_views(model, R, cfg, selector, lengths=(hist != data.PAD).sum(1), folds=case_fold(hist))
 
     steps = [f"step{k}" for k in range(cfg.steps + 1)] if analysis else None
     res = data.evaluate(score_fn, split, cfg.max_len, device=device, batch_size=cfg.eval_batch_size,
@@ -1449,7 +1492,7 @@ def run(cfg, device):
             model.load_state_dict(load_checkpoint(info["best_path"], device, ("model",))["model"])
         t0 = time.time()
         selector = fit_selector(model, ds, cfg, device) if cfg.steps > 0 else None
-        valid = evaluate(model, ds.valid, cfg, device, analysis=True, selector=selector)
+        valid = evaluate(model, ds.valid, cfg, device, analysis=True, selector=selector, held_out=True)
         test = evaluate(model, ds.test, cfg, device, analysis=True, selector=selector,
                         groups=data.case_groups(ds.test, ds.train))
         eval_seconds = time.time() - t0

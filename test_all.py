@@ -1110,6 +1110,46 @@ def test_learned_selector_learns_a_planted_rule():
     assert (pick == torch.where(long, 2, 0)).float().mean() > 0.95
 
 
+def test_cross_fitted_selector_scores_each_case_with_the_other_folds_head():
+    """Validation is scored out of sample: changing the ranks (labels) of fold-0 cases leaves the
+    held-out weights of fold-0 cases as they were, and changes the full head's and fold 1's."""
+    g = torch.Generator().manual_seed(1)
+    c, K, D = 300, 2, 8
+    f = {"R": torch.randn(c, K + 1, D, generator=g), "entropy": 3 + torch.rand(c, K + 1, generator=g),
+         "rank": torch.randint(1, 100, (c, K + 1), generator=g),
+         "case": torch.randn(c, 4, generator=g), "fold": torch.randint(0, 2, (c,), generator=g)}
+    f["top1"] = -f["entropy"]
+
+    def weights(f):
+        sel = rearec.cross_fit_selector(f, K, steps=100)
+        args = (f["R"], f["entropy"], f["top1"], f["case"], f["fold"])
+        with torch.no_grad():
+            full = sel(*args)
+            sel.held_out = True
+            return full, sel(*args)
+
+    full0, out0 = weights(f)
+    changed = dict(f, rank=torch.where((f["fold"] == 0)[:, None], f["rank"].flip(1), f["rank"]))
+    full1, out1 = weights(changed)
+    zero = f["fold"] == 0
+    assert torch.equal(out0[zero], out1[zero])  # fold 0's head never saw fold 0's labels
+    assert not torch.allclose(out0[~zero], out1[~zero]) and not torch.allclose(full0, full1)
+    hist = torch.tensor([[0, 0, 3, 4], [0, 5, 6, 9]])  # the fold ignores padding columns
+    assert rearec.case_fold(hist).tolist() == [1, 0] and torch.equal(rearec.case_fold(hist[:, 1:]), rearec.case_fold(hist))
+
+
+def test_selector_train_positions_rank_without_their_history(tmp_path):
+    """--selector-fit train ranks each position's target as the evaluation would: the items up to
+    that position are out of the ranking (the target kept), so no rank grows and some shrink."""
+    ds = data.load_dataset(synthetic_file(tmp_path, 150), verbose=False)
+    model = tiny_rearec("erl", 2, n_items=ds.n_items, max_len=20, selector_fit="train").eval()
+    masked = rearec.selector_cases(model, ds, model.cfg, "cpu", cases=400)
+    model.cfg.mask_history = False
+    unmasked = rearec.selector_cases(model, ds, model.cfg, "cpu", cases=400)
+    assert torch.equal(masked["R"], unmasked["R"])  # the same positions
+    assert (masked["rank"] <= unmasked["rank"]).all() and (masked["rank"] < unmasked["rank"]).any()
+
+
 @pytest.mark.parametrize("fit", ["valid", "train"])
 def test_learned_selector_never_sees_the_test_label(tmp_path, monkeypatch, fit):
     """The learned selector is fitted on validation (or training) cases and chooses from the states
