@@ -131,6 +131,7 @@ class Config:
     tau: float = 1.0  # tau, output softmax temperature (Spec §1; not given, 1)
     trace_len: int = 4  # l, thinking tokens (Spec §2.3: 4 Scientific, 6 Instruments)
     constrain_levels: bool = True  # SID positions may only emit their own level's codes (ours)
+    constrain_items: bool = True  # beam search follows only SID prefixes of real items (a prefix trie) and never completes an item of the history window (ours)
     # training, shared by the stages
     epochs: int = 0  # max epochs of base, stage 1 and stage 2; 0 = auto: 3 on the synthetic demo (minutes), 50 on real data (early stopping: --patience)
     batch_size: int = 256  # (prefix -> next item) examples per step (MTGRec: 256)
@@ -287,6 +288,8 @@ def check_config(cfg, ds=None):
              f"{getattr(cfg, name)}): a negative weight rewards the opposite")
     need("3" not in names or any(getattr(cfg, n) for n in rewards), "stage 3 needs a reward: "
          "--w-format, --w-match, --w-sim, --w-lik and --w-rank are all 0, so GRPO would train nothing")
+    need(cfg.constrain_levels or not cfg.constrain_items, "--constrain-items follows the items' SIDs level "
+         "by level and needs the level masks: with --no-constrain-levels pass --no-constrain-items too")
     need(not (cfg.resume and cfg.overwrite), "--resume continues the stages in --out and --overwrite "
          "reruns them; pass one of them")
     if ds is not None:  # Note: a ranked list holds at most N items; memory grows with the width
@@ -765,6 +768,11 @@ class StreamRec(nn.Module):
         self.register_buffer("radix", radix)
         self.register_buffer("keys", keys[order])
         self.register_buffer("key_items", order + 1)
+        # The prefix trie of --constrain-items, level by level: the sorted keys of every item's
+        # first j+1 codes (later codes 0). Derived from `codes`, so not stored in checkpoints.
+        for j in range(M):
+            self.register_buffer(f"prefix_keys{j}", (codes[1:, :j + 1] * radix[:j + 1]).sum(1).unique(),
+                                 persistent=False)
         # Reconstructed: per-position vocabulary masks (usual in TIGER code). Thinking positions
         # may emit any code token (Spec §2.3), SID position k only level-k codes, then EOS.
         # Without --constrain-levels every position may emit any code or EOS.
@@ -825,6 +833,24 @@ class StreamRec(nn.Module):
         restricted to the position's allowed tokens. (B, W, t, D) -> (B, W, t, V)."""
         logits = d @ self.emb.weight.T / self.tau
         return logits.masked_fill(~self.allowed[start:start + d.shape[2]], -math.inf).log_softmax(-1)
+
+    def item_continuations(self, seqs, p, hist=None):
+        """--constrain-items at SID position p (l <= p < l + M): the allowed tokens (B, W, V),
+        the level's codes that keep each beam's SID a prefix of some item's SID; at the last
+        level, minus the items of the history window hist (B, L), which the shared protocol never
+        counts. seqs (B, W, p): the beams' tokens so far."""
+        j, (B, W, _) = p - self.l, seqs.shape
+        codes = seqs[..., self.l:p] - self.offsets[:j]  # (B, W, j) the SID codes so far
+        c = torch.arange(int(self.sizes[j]), device=seqs.device)
+        key = (codes * self.radix[:j]).sum(-1)[..., None] + c * self.radix[j]  # (B, W, K_j) every continuation
+        keys = getattr(self, f"prefix_keys{j}")
+        pos = torch.searchsorted(keys, key).clamp(max=len(keys) - 1)
+        ok = keys[pos] == key  # (B, W, K_j)
+        if j == self.M - 1 and hist is not None:  # full keys: prefix_keys{M-1} == self.keys
+            ok &= ~(self.key_items[pos][..., None] == hist[:, None, None, :]).any(-1)
+        allowed = torch.zeros(B, W, self.emb.num_embeddings, dtype=torch.bool, device=seqs.device)
+        allowed[..., self.offsets[j]:self.offsets[j] + len(c)] = ok
+        return allowed
 
     def tokens_to_items(self, sid):
         """SID tokens (..., M) -> item ids (...); 0 where the tuple is not an item's SID."""
@@ -1052,6 +1078,13 @@ def load_stage(cfg, key, sids, device, needed_by):
 # the stage trained (everything else must match, or the results would mix two settings).
 RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benchmark",
             "benchmark_steps", "stages", "eval_batch", "overwrite", "estimate"}
+# What a checkpoint written before a flag existed ran with (its value then, not today's default).
+OLDER = {"constrain_items": False}
+
+
+def changed_settings(cfg, saved):
+    """The config fields (not RUN_ONLY) in which this run differs from a checkpoint's config."""
+    return sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY and saved.get(k, OLDER.get(k)) != v)
 
 
 def last_path(cfg, key):
@@ -1073,9 +1106,9 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
     start, stopped = 1, False
     if cfg.resume and os.path.exists(last_path(cfg, key)) and not bench_steps:
         ck = load_file(last_path(cfg, key), ("model", "optimizer", "rngs", "rng", "config", "epoch", "fit"))
-        diff = sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY and ck["config"].get(k) != v)
+        diff = changed_settings(cfg, ck["config"])
         if diff:
-            saved = ", ".join(f"{k}={ck['config'].get(k)}" for k in diff)
+            saved = ", ".join(f"{k}={ck['config'].get(k, OLDER.get(k))}" for k in diff)
             raise RunError(f"--resume: {last_path(cfg, key)} was trained with other settings ({saved}); "
                            f"pass the same flags, or rerun the stage with --overwrite")
         model.load_state_dict(ck["model"])
@@ -1380,11 +1413,11 @@ def annotation_round(cfg, model, direct, ds, device, gen, epoch):
 
 
 @torch.no_grad()
-def direct_negatives(direct, hist, target, n_items, gen):
+def direct_negatives(direct, hist, target, n_items, gen, constrain=False):
     """Spec §4.3.4 [R]: the rejected item is the direct model's greedy top-1 when it is wrong;
     when it is right (or not an item) a random other item stands in."""
     # Reconstructed: "contrast with the direct recommender": its wrong guess is the hard negative.
-    top1 = beam_search(direct, hist, 1)[0]  # (B, 1, T)
+    top1 = beam_search(direct, hist, 1, constrain=constrain)[0]  # (B, 1, T)
     pred = direct.tokens_to_items(top1[:, 0, :direct.M])  # (B,)
     other = random_other(target, n_items, (1,), gen)[:, 0]
     return torch.where((pred == target) | (pred == 0), other, pred)
@@ -1499,7 +1532,7 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
     elif offline:
         if cfg.resume and os.path.exists(last_path(cfg, "stage2")) and os.path.exists(traces_path(cfg)):
             store = load_file(traces_path(cfg), ("traces", "keep", "config"))
-            if all(store["config"].get(k) == v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY):
+            if not changed_settings(cfg, store["config"]):
                 state["store"] = store
                 print(f"stage2: the traces of epoch {store['epoch']} read from {traces_path(cfg)}")
         if state["store"] is None:
@@ -1517,7 +1550,7 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
             keep = state["store"]["keep"][pos.cpu()].to(device)
         self_rows = ~keep if not cfg.self_trace_frac else \
             (torch.rand(B, generator=gen, device=device) < cfg.self_trace_frac) | ~keep
-        neg = direct_negatives(direct, hist, target, ds.n_items, gen) if cfg.lambda_dpo else None
+        neg = direct_negatives(direct, hist, target, ds.n_items, gen, cfg.constrain_items) if cfg.lambda_dpo else None
         loss, logs = stage2_losses(cfg, model, direct, ref, hist, target, o_ann, self_rows, neg,
                                    warm=epoch <= cfg.sft_warmup)
         update(model, opt, loss, cfg, "stage2")
@@ -1588,7 +1621,7 @@ def rank_negatives(cfg, direct, hist, target, pop, gen):
     fill = torch.where(fill == target[:, None], random_other(target, len(pop) - 1, (n,), gen), fill)
     if cfg.rank_negs_from == "popular":
         return fill
-    items = beams_to_items(direct, *beam_search(direct, hist, n + 1))[0]  # (B, n+1) ranked, PAD = empty
+    items = beams_to_items(direct, *beam_search(direct, hist, n + 1, constrain=cfg.constrain_items))[0]  # (B, n+1) ranked, PAD = empty
     items = items.masked_fill(items == target[:, None], PAD_TOK)
     items = items.gather(1, torch.argsort((items == PAD_TOK).long(), dim=1, stable=True))[:, :n]
     return torch.where(items == PAD_TOK, fill[:, :items.shape[1]], items)
@@ -1704,19 +1737,27 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
 # Evaluation: batched beam search over trace + SID (Spec §2.5, §5.3), shared metrics (data.py)
 # -----------------------------------------------------------------------------
 @torch.no_grad()
-def beam_search(model, hist, beam, greedy_trace=False):
+def beam_search(model, hist, beam, greedy_trace=False, constrain=False):
     """Keep the `beam` most probable partial outputs per history, all histories at once.
     Returns tokens (B, W, T) and log-probs (B, W), best first; -inf marks a dead beam (fewer
-    than `beam` possible outputs). greedy_trace: width 1 over the l thinking positions."""
+    than `beam` possible outputs). greedy_trace: width 1 over the l thinking positions.
+    constrain (--constrain-items): the SID positions follow the prefix trie of the items and
+    skip the history window's items, so every live beam ends in a recommendable item."""
     # Reconstructed (Spec §2.5, §7.13): one beam over the whole trace + SID (the spec's
     # recommendation); --trace-decode greedy is the alternative it names.
+    # Reconstructed: trie-constrained decoding (common in TIGER-style code; TIGER itself decodes
+    # freely and counts invalid IDs). On Toys a free beam of 20 wasted 17 % of its beams on code
+    # tuples that are no item (README); the scores stay the model's own log-probabilities.
     memory = model.encode(hist)
     B, dev = hist.shape[0], hist.device
     inp, cache = torch.full((B, 1, 1), BOS, device=dev), None
     score, seqs = torch.zeros(B, 1, device=dev), torch.zeros(B, 1, 0, dtype=torch.long, device=dev)
     for p in range(model.T):
         d, cache = model.decode(memory, inp, p, cache)  # (B, W, 1, D)
-        cand = (score[..., None] + model.log_probs(d, p)[:, :, 0]).flatten(1)  # (B, W*V)
+        lp = model.log_probs(d, p)[:, :, 0]  # (B, W, V)
+        if constrain and model.l <= p < model.l + model.M:
+            lp = lp.masked_fill(~model.item_continuations(seqs, p, hist), -math.inf)
+        cand = (score[..., None] + lp).flatten(1)  # (B, W*V)
         width = 1 if greedy_trace and p < model.l else beam
         score, idx = cand.topk(min(width, cand.shape[1]), dim=1)  # (B, W') best first
         src, tok = idx // model.emb.num_embeddings, idx % model.emb.num_embeddings
@@ -1755,7 +1796,7 @@ def evaluate_split(cfg, model, split, beam, device):
     count = dict(invalid=0, beams=0)
 
     def score_fn(hist):
-        seqs, score = beam_search(model, hist, beam, cfg.trace_decode == "greedy")
+        seqs, score = beam_search(model, hist, beam, cfg.trace_decode == "greedy", cfg.constrain_items)
         items, invalid = beams_to_items(model, seqs, score, cfg.merge)
         usage.index_add_(0, seqs[:, 0, :model.l].flatten(), torch.ones(hist.shape[0] * model.l, device=device))
         count["invalid"] += invalid
@@ -1833,7 +1874,7 @@ def estimate_time(cfg, ds, sids, device, keys):
     per_case = {}
     for l in sorted({0, cfg.trace_len}):  # seconds per validation case, beam --beam-valid
         model, t0 = new_model(cfg, sids, l, device), time.time()
-        beam_search(model, hist, cfg.beam_valid, cfg.trace_decode == "greedy")
+        beam_search(model, hist, cfg.beam_valid, cfg.trace_decode == "greedy", cfg.constrain_items)
         per_case[l] = (time.time() - t0) / len(hist)
     model, t0 = new_model(cfg, sids, cfg.trace_len, device), time.time()
     stage2_annotate(model, model.encode(hist), target_repr(model, torch.from_numpy(
@@ -1905,10 +1946,9 @@ def main(argv=None) -> dict:
         for key in keys:
             if cfg.resume and os.path.exists(ckpt_path(cfg, key)):
                 ck = load_stage(cfg, key, sids, "cpu", "--resume")[1]
-                diff = sorted(k for k, v in dataclasses.asdict(cfg).items()
-                              if k not in RUN_ONLY and ck["config"].get(k) != v)
+                diff = changed_settings(cfg, ck["config"])
                 if diff:
-                    saved = ", ".join(f"{k}={ck['config'].get(k)}" for k in diff)
+                    saved = ", ".join(f"{k}={ck['config'].get(k, OLDER.get(k))}" for k in diff)
                     raise RunError(f"--resume: {ckpt_path(cfg, key)} was trained with other "
                                    f"settings ({saved}); pass the same flags, or rerun it with --overwrite")
                 if ck["done"]:  # a stage interrupted mid-way continues from its last epoch (fit)

@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q -rs test_all.py   (-rs prints the reason of every skipped test)
 """
+import dataclasses
 import gzip
 import hashlib
 import http.server
@@ -1669,6 +1670,42 @@ def test_beam_search_returns_the_true_top_sequences():
     assert torch.allclose(score, best.values, atol=1e-5)
 
 
+@pytest.mark.parametrize("trace_len", [0, 1])
+def test_constrained_beam_search_is_exact_over_recommendable_items(trace_len):
+    """--constrain-items: a beam wide enough for every output returns exactly the outputs that end
+    in a real item outside the history window, ranked by the model's own log-probabilities; the
+    free beam spends slots on the tuple that is no item and on the history's items."""
+    model = tiny_model(sizes=(3, 2), trace_len=trace_len, n_items=5, seed=4)  # tuple (2, 1) is no item
+    hist = torch.tensor([[1, 2, 3], [0, 0, 5]])
+    memory = model.encode(hist)
+    off = [int(o) for o in model.offsets]
+    thinking = [[t] for t in range(sr.FIRST_CODE, model.emb.num_embeddings)] if trace_len else [[]]
+    outs = [th + [off[0] + a, off[1] + b, sr.EOS] for th in thinking for a in range(3) for b in range(2)]
+    y = torch.tensor(outs)[None].expand(2, -1, -1)  # (B, O, T) every output
+    lp = sr.token_logp(sr.teacher_forced(model, memory, y)[0], y).sum(-1)  # (B, O)
+    items = model.tokens_to_items(y[..., trace_len:trace_len + 2])  # (B, O), 0 = no item
+    ok = (items > 0) & ~(items[..., None] == hist[:, None, :]).any(-1)
+    want = lp.masked_fill(~ok, -math.inf).sort(dim=1, descending=True)
+    n_ok = int(ok.sum(1).min())
+    seqs, score = sr.beam_search(model, hist, len(outs), constrain=True)
+    live = torch.isfinite(score)
+    assert live.sum(1).tolist() == ok.sum(1).tolist()  # every live beam is a recommendable output
+    torch.testing.assert_close(score[:, :n_ok], want.values[:, :n_ok], atol=1e-5, rtol=0)
+    assert torch.equal(seqs[:, :n_ok], y[torch.arange(2)[:, None], want.indices[:, :n_ok]])
+    free_seqs, free_score = sr.beam_search(model, hist, len(outs))
+    free_items = model.tokens_to_items(free_seqs[..., trace_len:trace_len + 2])
+    assert ((free_items == 0) | (free_items[..., None] == hist[:, None, :]).any(-1)).any()
+
+
+def test_constrain_items_flags_and_older_checkpoints():
+    with pytest.raises(sr.RunError, match="--no-constrain-items"):
+        sr.check_config(sr.Config(constrain_levels=False))
+    sr.check_config(sr.Config(constrain_levels=False, constrain_items=False))
+    old = {k: v for k, v in dataclasses.asdict(sr.Config()).items() if k != "constrain_items"}
+    assert sr.changed_settings(sr.Config(), old) == ["constrain_items"]  # it decoded freely then
+    assert sr.changed_settings(sr.Config(constrain_items=False), old) == []
+
+
 def test_beams_to_items_drops_invalid_merges_duplicates():
     model = tiny_model(sizes=(3, 2), n_items=5, trace_len=1)
     off = model.offsets
@@ -2180,10 +2217,10 @@ def test_user_batches_rank_negatives_and_auto_budgets():
     for kind in ("random", "popular", "direct"):
         negs = sr.rank_negatives(sr.Config(rank_negs=3, rank_negs_from=kind), direct, hist, target, pop, gen)
         assert negs.shape == (2, 3) and not (negs == target[:, None]).any() and ((negs >= 1) & (negs <= 6)).all()
-    ranked = sr.beams_to_items(direct, *sr.beam_search(direct, hist, 4))[0]
-    for b in range(2):
+    ranked = sr.beams_to_items(direct, *sr.beam_search(direct, hist, 4, constrain=True))[0]
+    for b in range(2):  # the beams skip the history window's items (--constrain-items, default)
         want = [i for i in ranked[b].tolist() if i and i != target[b]][:3]
-        assert negs[b, :len(want)].tolist() == want
+        assert want and not set(want) & set(hist[b].tolist()) and negs[b, :len(want)].tolist() == want
     # --epochs 0 / --max-examples -1 / --rl-max-examples -1: the demo budget on synthetic, full epochs otherwise
     for name, want in (("synthetic", (3, 8192, 512)), ("some/file.txt", (50, 0, 0))):
         cfg = sr.Config(dataset=name)
