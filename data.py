@@ -1110,9 +1110,9 @@ def result_rows(path, res, views=False):
             if res.get("oracle"):
                 rows.append(dict(base, name=f"{cfg['method']} (oracle)", valid=res.get("valid_oracle", {}), test=res["oracle"]))
             sel = res.get("selector")
-            if sel:
-                rows.append(dict(base, name=f"{cfg['method']} (selector {sel['name']})", valid=sel.get("valid", {}),
-                                 test=sel.get("test", {})))
+            if sel:  # one row whichever selector validation chose in each seed (names: chosen_as)
+                rows.append(dict(base, name=f"{cfg['method']} (chosen selector)", valid=sel.get("valid", {}),
+                                 test=sel.get("test", {}), chosen_as=sel["name"]))
     else:  # stream_rec.py: one entry per stage
         for stage in ("base", "stage1", "stage2", "stage3"):
             if isinstance(res.get(stage), dict) and "test" in res[stage]:
@@ -1170,7 +1170,8 @@ def report(dirs, split="test", metrics=REPORT_METRICS, views=False):
         table.append(dict(script=script, dataset=dataset, name=name, K=K, settings=sett, n=len(members),
                           seeds=seeds, stats=stats, config=members[0]["config"], path=members[0]["path"],
                           best_epoch=sum(best_ep) / len(best_ep) if best_ep else None,
-                          interrupted=any(x["interrupted"] for x in members)))
+                          interrupted=any(x["interrupted"] for x in members),
+                          chosen=[x["chosen_as"] for x in sorted(members, key=lambda x: str(x["seed"])) if "chosen_as" in x]))
     for row in table:  # the matching base row
         row["base"] = None
         if row["name"] == "base":
@@ -1198,7 +1199,8 @@ def report(dirs, split="test", metrics=REPORT_METRICS, views=False):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         sett = ", ".join(f"{k}={v}" for k, v in r["settings"]) or "defaults"
-        lines.append("| " + " | ".join([r["script"], r["dataset"], r["name"] + (" (interrupted)" if r["interrupted"] else ""),
+        name = r["name"][:-1] + f": {', '.join(r['chosen'])})" if r["chosen"] else r["name"]  # per seed
+        lines.append("| " + " | ".join([r["script"], r["dataset"], name + (" (interrupted)" if r["interrupted"] else ""),
                                         str(r["K"]), sett] + [cell(r, m) for m in metrics]
                                        + [str(r["n"]), f"{r['best_epoch']:.0f}" if r["best_epoch"] is not None else "—"]) + " |")
     return "\n".join(lines), table
@@ -1285,7 +1287,7 @@ def plot(dirs, out="figures", metric="ndcg@20"):
             for r in methods:
                 sib = {s["name"].split(" (", 1)[1][:-1]: s for s in rows if s["name"].startswith(r["name"] + " (")
                        and s["K"] == r["K"] and s["settings"] == r["settings"]}
-                sel = next((s for k, s in sib.items() if k.startswith("selector")), None)
+                sel = sib.get("chosen selector")
                 for j, (what, s) in enumerate([("own view", r), ("selector", sel), ("oracle", sib.get("oracle"))]):
                     if s is not None and s["stats"][metric][0] is not None:
                         bar(x + 0.8 * j, s["stats"][metric][0], f"C{j}", what)

@@ -572,9 +572,16 @@ def test_report_mean_std_seeds_and_change_against_base(tmp_path, capsys):
     stage2 = rows[("stream_rec", "stage2", ())]
     assert stage2["K"] == 4 and stage2["base"] is rows[("stream_rec", "base", ())]
     assert "0.3000 (-25.0 %)" in text and "0.6000 (+20.0 %)" in text
-    _, with_views = data.report([str(tmp_path)], views=True)
+    for seed, (name, v) in enumerate([("entropy", 0.3), ("mean", 0.2)]):  # validation chose differently per seed
+        res = json.loads((tmp_path / "sweep" / f"prl{seed}" / "results.json").read_text())
+        res["selector"] = {"name": name, "valid": res["valid"], "test": dict(res["test"], **{"ndcg@10": v})}
+        (tmp_path / "sweep" / f"prl{seed}" / "results.json").write_text(json.dumps(res))
+    views_text, with_views = data.report([str(tmp_path)], views=True)
     names = {r["name"] for r in with_views}
     assert {"prl (r_0)", "prl (oracle)"} <= names and not any(n.startswith("base (") for n in names)  # K = 0: no views
+    chosen = next(r for r in with_views if r["name"] == "prl (chosen selector)")  # one row over both seeds
+    assert chosen["n"] == 2 and chosen["stats"]["ndcg@10"][0] == pytest.approx(0.25) and chosen["chosen"] == ["entropy", "mean"]
+    assert "| prl (chosen selector: entropy, mean) |" in views_text
     data.main(["--report", str(tmp_path), "--report-split", "valid", "--views"])
     out = capsys.readouterr().out
     assert "prl (r_0)" in out and "prl (oracle)" in out and "valid ndcg@10" in out
