@@ -1014,6 +1014,24 @@ def step_views(model, R, cfg, selector=None, lengths=None, folds=None):
     return views
 
 
+def target_ranks(logp, t, exclude=None):
+    """(c, K+1, N) item log-probabilities (no PAD column), targets t (c,), exclude (c, X) item ids
+    or None -> (c, K+1) each step's rank of the target, 1 = best. As the evaluation ranks: the
+    items in exclude (the history; PAD ignored) are out of the ranking, the target stays in."""
+    target = logp.gather(-1, (t - 1)[:, None, None].expand(-1, logp.shape[1], 1))  # (c, K+1, 1)
+    if exclude is not None:
+        drop = torch.zeros(len(t), logp.shape[-1] + 1, dtype=torch.bool, device=t.device).scatter_(1, exclude, True)
+        drop.scatter_(1, t[:, None], False)  # (c, N+1)
+        logp = logp.masked_fill(drop[:, None, 1:], -math.inf)
+    return (logp > target).sum(-1) + 1
+
+
+def prefix_items(inputs, pos):
+    """(B, L) training windows, (B, P) positions -> (B, P, L): the items at positions <= p, the
+    history of the target at p (the items after it PAD)."""
+    return inputs[:, None, :].masked_fill(torch.arange(inputs.shape[1], device=inputs.device) > pos[..., None], data.PAD)
+
+
 def selector_cases(model, ds, cfg, device, cases=20_000):
     """The cases a StepSelector is fitted on, with its inputs and each step's rank of the true
     next item, ranked as the evaluation ranks (with --mask-history the case's history is out of
@@ -1028,13 +1046,7 @@ def selector_cases(model, ds, cfg, device, cases=20_000):
 
     def add(R, t, lengths, exclude, fold):  # R (c, K+1, D) float, t (c,) item ids, lengths (c,) items in the window
         logp, entropy, top1 = step_log_probs(R, E, cfg)
-        target = logp.gather(-1, (t - 1)[:, None, None].expand(-1, K + 1, 1))  # (c, K+1, 1)
-        ranked = logp
-        if exclude is not None:  # as the evaluation ranks: the history out, the target kept
-            drop = torch.zeros(len(t), E.shape[0], dtype=torch.bool, device=t.device).scatter_(1, exclude, True)
-            drop.scatter_(1, t[:, None], False)  # (c, N+1)
-            ranked = logp.masked_fill(drop[:, None, 1:], -math.inf)
-        feats["rank"].append((ranked > target).sum(-1) + 1)
+        feats["rank"].append(target_ranks(logp, t, exclude))
         feats["R"].append(R), feats["entropy"].append(entropy), feats["top1"].append(top1)
         feats["case"].append(case_features(lengths, top10_overlap(logp), entropy))
         feats["fold"].append(fold)
@@ -1048,7 +1060,9 @@ def selector_cases(model, ds, cfg, device, cases=20_000):
                 hist = torch.from_numpy(data.windows(split.items, starts, ends, cfg.max_len)).to(device)
                 seen = (torch.from_numpy(data.windows(split.items, starts, ends, max(int((ends - starts).max()), 1)))
                         .to(device) if cfg.mask_history else None)  # the whole history, as data.evaluate
-                add(model(hist).float(), torch.from_numpy(split.targets[rows]).to(device), (hist != data.PAD).sum(1), seen,
+                with autocast(cfg, device):  # the states as evaluate() computes them
+                    R = model(hist)
+                add(R.float(), torch.from_numpy(split.targets[rows]).to(device), (hist != data.PAD).sum(1), seen,
                     case_fold(hist))
         else:
             per_row = max(1, math.ceil(cases / max(len(ds.train), 1)))
@@ -1060,11 +1074,13 @@ def selector_cases(model, ds, cfg, device, cases=20_000):
                 noise = torch.rand(B, L, generator=gen).to(device).masked_fill(~valid, -1.0)
                 pos = noise.topk(min(per_row, L), dim=1).indices  # (B, P) random supervised positions
                 ok = valid.gather(1, pos)
-                h, cache, key_ok = model.encode(inputs)
-                r0 = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
+                with autocast(cfg, device):
+                    h, cache, key_ok = model.encode(inputs)
+                    r0 = h.gather(1, pos[..., None].expand(-1, -1, h.shape[-1]))
+                    R = model.reason(cache, key_ok, pos, r0, K)
                 seen = (inputs != data.PAD).cumsum(1).gather(1, pos)  # (B, P) items up to each position
-                hist = inputs[:, None, :].masked_fill(torch.arange(L, device=device) > pos[..., None], data.PAD)  # (B, P, L)
-                add(model.reason(cache, key_ok, pos, r0, K)[ok].float(), targets.gather(1, pos)[ok], seen[ok],
+                hist = prefix_items(inputs, pos)  # (B, P, L)
+                add(R[ok].float(), targets.gather(1, pos)[ok], seen[ok],
                     hist[ok] if cfg.mask_history else None, torch.zeros_like(seen[ok]))
     return {k: torch.cat(v)[:cases] for k, v in feats.items()}
 
@@ -1088,9 +1104,12 @@ def fit_selector(model, ds, cfg, device, cases=20_000, steps=300):
 
 
 def cross_fit_selector(f, K, steps=300):
-    """A head on all of f's cases, and heads[k] on the cases outside fold k (CrossFitSelector)."""
+    """A head on all of f's cases, and heads[k] on the cases outside fold k (CrossFitSelector).
+    A fold whose complement has fewer than 2 cases (tiny validation sets) gets the full head."""
+    full = train_selector(f, K, steps)
     other = lambda k: {name: v[f["fold"] != k] for name, v in f.items()}
-    return CrossFitSelector(train_selector(f, K, steps), [train_selector(other(k), K, steps) for k in (0, 1)])
+    return CrossFitSelector(full, [train_selector(other(k), K, steps) if int((f["fold"] != k).sum()) >= 2 else full
+                                   for k in (0, 1)])
 
 
 def train_selector(f, K, steps=300):

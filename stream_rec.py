@@ -91,7 +91,7 @@ CHOICES = dict(features=("auto", "attr", "attr+cooc", "text", "cooc"), annotate=
                target_repr=("feature", "sid"), annot_keep=("all", "gain"), dpo_form=("direct", "shared"),
                rl_data=("users", "prefixes"), match_reward=("prefix", "level", "exact"),
                rank_negs_from=("direct", "popular", "random"), trace_decode=("beam", "greedy"),
-               merge=("max", "lse"))  # flag -> its allowed values
+               merge=("max", "lse"), skip_history=("auto", "on", "off"))  # flag -> its allowed values
 MAX_ENCODER_TOKENS = 1024  # --max-len x (--levels + 1) cap: encoder attention memory grows with its square
 CHEAP_WIDTH = 100  # beams and ranking negatives up to this are allowed on any data; wider: at most N items
 
@@ -131,7 +131,8 @@ class Config:
     tau: float = 1.0  # tau, output softmax temperature (Spec §1; not given, 1)
     trace_len: int = 4  # l, thinking tokens (Spec §2.3: 4 Scientific, 6 Instruments)
     constrain_levels: bool = True  # SID positions may only emit their own level's codes (ours)
-    constrain_items: bool = True  # beam search follows only SID prefixes of real items (a prefix trie) and never completes an item of the history window (ours)
+    constrain_items: bool = True  # beam search follows only SID prefixes of real items (a prefix trie) (ours)
+    skip_history: str = "auto"  # on: beams never complete an item of the history window (the protocol masks the history unless it is the target); auto = on when no training sequence repeats an item (ours)
     # training, shared by the stages
     epochs: int = 0  # max epochs of base, stage 1 and stage 2; 0 = auto: 3 on the synthetic demo (minutes), 50 on real data (early stopping: --patience)
     batch_size: int = 256  # (prefix -> next item) examples per step (MTGRec: 256)
@@ -290,6 +291,8 @@ def check_config(cfg, ds=None):
          "--w-format, --w-match, --w-sim, --w-lik and --w-rank are all 0, so GRPO would train nothing")
     need(cfg.constrain_levels or not cfg.constrain_items, "--constrain-items follows the items' SIDs level "
          "by level and needs the level masks: with --no-constrain-levels pass --no-constrain-items too")
+    need(cfg.constrain_items or cfg.skip_history != "on", "--skip-history on works inside --constrain-items' "
+         "trie: pass --constrain-items, or --skip-history off")
     need(not (cfg.resume and cfg.overwrite), "--resume continues the stages in --out and --overwrite "
          "reruns them; pass one of them")
     if ds is not None:  # Note: a ranked list holds at most N items; memory grows with the width
@@ -836,9 +839,10 @@ class StreamRec(nn.Module):
 
     def item_continuations(self, seqs, p, hist=None):
         """--constrain-items at SID position p (l <= p < l + M): the allowed tokens (B, W, V),
-        the level's codes that keep each beam's SID a prefix of some item's SID; at the last
-        level, minus the items of the history window hist (B, L), which the shared protocol never
-        counts. seqs (B, W, p): the beams' tokens so far."""
+        the level's codes that keep each beam's SID a prefix of some item's SID; with hist (B, L)
+        (--skip-history) the last level also skips the items of the history window, which the
+        shared protocol drops from the list unless one is the target. seqs (B, W, p): the beams'
+        tokens so far."""
         j, (B, W, _) = p - self.l, seqs.shape
         codes = seqs[..., self.l:p] - self.offsets[:j]  # (B, W, j) the SID codes so far
         c = torch.arange(int(self.sizes[j]), device=seqs.device)
@@ -1079,7 +1083,8 @@ def load_stage(cfg, key, sids, device, needed_by):
 RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benchmark",
             "benchmark_steps", "stages", "eval_batch", "overwrite", "estimate"}
 # What a checkpoint written before a flag existed ran with (its value then, not today's default).
-OLDER = {"constrain_items": False}
+OLDER = {"constrain_items": False, "skip_history": "off"}
+DECODING = {"constrain_items", "skip_history"}  # decoding only: the stored stage-2 traces do not depend on them
 
 
 def changed_settings(cfg, saved):
@@ -1413,11 +1418,11 @@ def annotation_round(cfg, model, direct, ds, device, gen, epoch):
 
 
 @torch.no_grad()
-def direct_negatives(direct, hist, target, n_items, gen, constrain=False):
+def direct_negatives(cfg, direct, hist, target, n_items, gen):
     """Spec §4.3.4 [R]: the rejected item is the direct model's greedy top-1 when it is wrong;
     when it is right (or not an item) a random other item stands in."""
     # Reconstructed: "contrast with the direct recommender": its wrong guess is the hard negative.
-    top1 = beam_search(direct, hist, 1, constrain=constrain)[0]  # (B, 1, T)
+    top1 = beam_search(direct, hist, 1, constrain=cfg.constrain_items, skip_history=cfg.skip_history == "on")[0]  # (B, 1, T)
     pred = direct.tokens_to_items(top1[:, 0, :direct.M])  # (B,)
     other = random_other(target, n_items, (1,), gen)[:, 0]
     return torch.where((pred == target) | (pred == 0), other, pred)
@@ -1532,7 +1537,7 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
     elif offline:
         if cfg.resume and os.path.exists(last_path(cfg, "stage2")) and os.path.exists(traces_path(cfg)):
             store = load_file(traces_path(cfg), ("traces", "keep", "config"))
-            if not changed_settings(cfg, store["config"]):
+            if not set(changed_settings(cfg, store["config"])) - DECODING:
                 state["store"] = store
                 print(f"stage2: the traces of epoch {store['epoch']} read from {traces_path(cfg)}")
         if state["store"] is None:
@@ -1550,7 +1555,7 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
             keep = state["store"]["keep"][pos.cpu()].to(device)
         self_rows = ~keep if not cfg.self_trace_frac else \
             (torch.rand(B, generator=gen, device=device) < cfg.self_trace_frac) | ~keep
-        neg = direct_negatives(direct, hist, target, ds.n_items, gen, cfg.constrain_items) if cfg.lambda_dpo else None
+        neg = direct_negatives(cfg, direct, hist, target, ds.n_items, gen) if cfg.lambda_dpo else None
         loss, logs = stage2_losses(cfg, model, direct, ref, hist, target, o_ann, self_rows, neg,
                                    warm=epoch <= cfg.sft_warmup)
         update(model, opt, loss, cfg, "stage2")
@@ -1621,7 +1626,8 @@ def rank_negatives(cfg, direct, hist, target, pop, gen):
     fill = torch.where(fill == target[:, None], random_other(target, len(pop) - 1, (n,), gen), fill)
     if cfg.rank_negs_from == "popular":
         return fill
-    items = beams_to_items(direct, *beam_search(direct, hist, n + 1, constrain=cfg.constrain_items))[0]  # (B, n+1) ranked, PAD = empty
+    items = beams_to_items(direct, *beam_search(direct, hist, n + 1, constrain=cfg.constrain_items,
+                                                skip_history=cfg.skip_history == "on"))[0]  # (B, n+1) ranked, PAD = empty
     items = items.masked_fill(items == target[:, None], PAD_TOK)
     items = items.gather(1, torch.argsort((items == PAD_TOK).long(), dim=1, stable=True))[:, :n]
     return torch.where(items == PAD_TOK, fill[:, :items.shape[1]], items)
@@ -1737,17 +1743,20 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
 # Evaluation: batched beam search over trace + SID (Spec §2.5, §5.3), shared metrics (data.py)
 # -----------------------------------------------------------------------------
 @torch.no_grad()
-def beam_search(model, hist, beam, greedy_trace=False, constrain=False):
+def beam_search(model, hist, beam, greedy_trace=False, constrain=False, skip_history=False):
     """Keep the `beam` most probable partial outputs per history, all histories at once.
     Returns tokens (B, W, T) and log-probs (B, W), best first; -inf marks a dead beam (fewer
     than `beam` possible outputs). greedy_trace: width 1 over the l thinking positions.
-    constrain (--constrain-items): the SID positions follow the prefix trie of the items and
-    skip the history window's items, so every live beam ends in a recommendable item."""
+    constrain (--constrain-items): the SID positions follow the prefix trie of the items, so
+    every live beam ends in an item; skip_history (with constrain): never in one of the history
+    window's items (a target that repeats one can then not be found: auto turns it on only for
+    data without repeats)."""
     # Reconstructed (Spec §2.5, §7.13): one beam over the whole trace + SID (the spec's
     # recommendation); --trace-decode greedy is the alternative it names.
     # Reconstructed: trie-constrained decoding (common in TIGER-style code; TIGER itself decodes
     # freely and counts invalid IDs). On Toys a free beam of 20 wasted 17 % of its beams on code
     # tuples that are no item (README); the scores stay the model's own log-probabilities.
+    skip = hist if skip_history else None
     memory = model.encode(hist)
     B, dev = hist.shape[0], hist.device
     inp, cache = torch.full((B, 1, 1), BOS, device=dev), None
@@ -1756,7 +1765,7 @@ def beam_search(model, hist, beam, greedy_trace=False, constrain=False):
         d, cache = model.decode(memory, inp, p, cache)  # (B, W, 1, D)
         lp = model.log_probs(d, p)[:, :, 0]  # (B, W, V)
         if constrain and model.l <= p < model.l + model.M:
-            lp = lp.masked_fill(~model.item_continuations(seqs, p, hist), -math.inf)
+            lp = lp.masked_fill(~model.item_continuations(seqs, p, skip), -math.inf)
         cand = (score[..., None] + lp).flatten(1)  # (B, W*V)
         width = 1 if greedy_trace and p < model.l else beam
         score, idx = cand.topk(min(width, cand.shape[1]), dim=1)  # (B, W') best first
@@ -1796,7 +1805,8 @@ def evaluate_split(cfg, model, split, beam, device):
     count = dict(invalid=0, beams=0)
 
     def score_fn(hist):
-        seqs, score = beam_search(model, hist, beam, cfg.trace_decode == "greedy", cfg.constrain_items)
+        seqs, score = beam_search(model, hist, beam, cfg.trace_decode == "greedy", cfg.constrain_items,
+                                  cfg.skip_history == "on")
         items, invalid = beams_to_items(model, seqs, score, cfg.merge)
         usage.index_add_(0, seqs[:, 0, :model.l].flatten(), torch.ones(hist.shape[0] * model.l, device=device))
         count["invalid"] += invalid
@@ -1843,9 +1853,18 @@ def benchmark(cfg, ds, sids, device, keys):
     return out
 
 
+def has_repeats(train):
+    """Does any training sequence hold one item twice?"""
+    lens = train.lengths()
+    pos = np.repeat(train.starts, lens) + np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+    pairs = np.repeat(np.arange(len(train), dtype=np.int64), lens) * (int(train.items.max(initial=0)) + 1) + train.items[pos]
+    return len(np.unique(pairs)) < len(pairs)
+
+
 def resolve_budget(cfg, ds):
     """--epochs 0, --max-examples -1 and --rl-max-examples -1 (auto): the small budget of the
-    built-in synthetic demo (a few CPU-minutes), full epochs with early stopping on real data."""
+    built-in synthetic demo (a few CPU-minutes), full epochs with early stopping on real data.
+    --skip-history auto: on unless a training sequence repeats an item."""
     demo = cfg.dataset == "synthetic"
     if cfg.epochs == 0:
         cfg.epochs = 3 if demo else 50
@@ -1853,6 +1872,12 @@ def resolve_budget(cfg, ds):
         cfg.max_examples = 8192 if demo else 0
     if cfg.rl_max_examples < 0:
         cfg.rl_max_examples = 512 if demo else 0
+    if cfg.skip_history == "auto":
+        repeats = has_repeats(ds.train)
+        cfg.skip_history = "off" if repeats or not cfg.constrain_items else "on"
+        print(f"skip-history auto -> {cfg.skip_history} ("
+              + ("training sequences repeat items: a target may be one of its history's"
+                 if repeats else "no training sequence repeats an item") + ")")
     n = int(ds.stats["train_targets"])
     users = int((ds.train.lengths() >= 2).sum())
     rl_n = users if cfg.rl_data == "users" else n
@@ -1874,7 +1899,8 @@ def estimate_time(cfg, ds, sids, device, keys):
     per_case = {}
     for l in sorted({0, cfg.trace_len}):  # seconds per validation case, beam --beam-valid
         model, t0 = new_model(cfg, sids, l, device), time.time()
-        beam_search(model, hist, cfg.beam_valid, cfg.trace_decode == "greedy", cfg.constrain_items)
+        beam_search(model, hist, cfg.beam_valid, cfg.trace_decode == "greedy", cfg.constrain_items,
+                    cfg.skip_history == "on")
         per_case[l] = (time.time() - t0) / len(hist)
     model, t0 = new_model(cfg, sids, cfg.trace_len, device), time.time()
     stage2_annotate(model, model.encode(hist), target_repr(model, torch.from_numpy(

@@ -1146,9 +1146,31 @@ def test_cross_fitted_selector_scores_each_case_with_the_other_folds_head():
     assert rearec.case_fold(hist).tolist() == [1, 0] and torch.equal(rearec.case_fold(hist[:, 1:]), rearec.case_fold(hist))
 
 
+def test_target_ranks_and_prefix_items_by_hand():
+    logp = torch.log_softmax(torch.tensor([[[5.0, 4, 3, 2, 1]], [[1.0, 2, 3, 4, 5]]]), -1)  # (2, 1, 5) items 1..5
+    t = torch.tensor([3, 2])
+    assert rearec.target_ranks(logp, t).tolist() == [[3], [4]]
+    exclude = torch.tensor([[1, 3, 0], [5, 2, 4]])  # the history; PAD ignored; the target stays in
+    assert rearec.target_ranks(logp, t, exclude).tolist() == [[2], [2]]
+    inputs = torch.tensor([[0, 5, 6, 7]])
+    assert rearec.prefix_items(inputs, torch.tensor([[1, 3]])).tolist() == [[[0, 5, 0, 0], [0, 5, 6, 7]]]
+
+
+def test_run_scores_validation_out_of_fold_and_test_with_the_full_head(tmp_path, monkeypatch):
+    calls, real = [], rearec.evaluate
+    def spy(model, split, cfg, device, analysis=False, selector=None, groups=None, held_out=False):
+        if analysis:
+            calls.append((groups is not None, held_out, type(selector).__name__))
+        return real(model, split, cfg, device, analysis, selector, groups, held_out)
+    monkeypatch.setattr(rearec, "evaluate", spy)
+    rearec.main(["--dataset", synthetic_file(tmp_path, 150), "--method", "erl", "--hidden", "16", "--epochs", "1",
+                 "--max-len", "20", "--out", str(tmp_path / "run")])
+    assert calls == [(False, True, "CrossFitSelector"), (True, False, "CrossFitSelector")]  # valid, then test
+
+
 def test_selector_train_positions_rank_without_their_history(tmp_path):
-    """--selector-fit train ranks each position's target as the evaluation would: the items up to
-    that position are out of the ranking (the target kept), so no rank grows and some shrink."""
+    """--selector-fit train ranks each position's target as the evaluation would (target_ranks
+    with prefix_items, tested by hand above): no rank grows and some shrink."""
     ds = data.load_dataset(synthetic_file(tmp_path, 150), verbose=False)
     model = tiny_rearec("erl", 2, n_items=ds.n_items, max_len=20, selector_fit="train").eval()
     masked = rearec.selector_cases(model, ds, model.cfg, "cpu", cases=400)
@@ -1679,9 +1701,10 @@ def test_beam_search_returns_the_true_top_sequences():
 
 @pytest.mark.parametrize("trace_len", [0, 1])
 def test_constrained_beam_search_is_exact_over_recommendable_items(trace_len):
-    """--constrain-items: a beam wide enough for every output returns exactly the outputs that end
-    in a real item outside the history window, ranked by the model's own log-probabilities; the
-    free beam spends slots on the tuple that is no item and on the history's items."""
+    """--constrain-items with --skip-history: a beam wide enough for every output returns exactly
+    the outputs that end in a real item outside the history window, ranked by the model's own
+    log-probabilities; the free beam spends slots on the tuple that is no item and on the
+    history's items."""
     model = tiny_model(sizes=(3, 2), trace_len=trace_len, n_items=5, seed=4)  # tuple (2, 1) is no item
     hist = torch.tensor([[1, 2, 3], [0, 0, 5]])
     memory = model.encode(hist)
@@ -1694,7 +1717,7 @@ def test_constrained_beam_search_is_exact_over_recommendable_items(trace_len):
     ok = (items > 0) & ~(items[..., None] == hist[:, None, :]).any(-1)
     want = lp.masked_fill(~ok, -math.inf).sort(dim=1, descending=True)
     n_ok = int(ok.sum(1).min())
-    seqs, score = sr.beam_search(model, hist, len(outs), constrain=True)
+    seqs, score = sr.beam_search(model, hist, len(outs), constrain=True, skip_history=True)
     live = torch.isfinite(score)
     assert live.sum(1).tolist() == ok.sum(1).tolist()  # every live beam is a recommendable output
     torch.testing.assert_close(score[:, :n_ok], want.values[:, :n_ok], atol=1e-5, rtol=0)
@@ -1704,13 +1727,42 @@ def test_constrained_beam_search_is_exact_over_recommendable_items(trace_len):
     assert ((free_items == 0) | (free_items[..., None] == hist[:, None, :]).any(-1)).any()
 
 
+def test_item_continuations_follow_the_trie_by_hand():
+    """Three levels, an unused level-0 code and a prefix with one item: the allowed codes at each
+    SID position, and --skip-history removing the last code of a history item."""
+    model = tiny_model(sizes=(3, 2, 2), trace_len=1, n_items=7)  # items 1..7 = tuples 000 001 010 011 100 101 110
+    off, V = [int(o) for o in model.offsets], model.emb.num_embeddings
+    def allowed(prefix, hist=None):  # prefix: level codes chosen so far -> the allowed codes at the next level
+        seqs = torch.tensor([[[sr.FIRST_CODE] + [off[j] + c for j, c in enumerate(prefix)]]])  # (1, 1, 1 + j)
+        mask = model.item_continuations(seqs, 1 + len(prefix), hist)[0, 0]  # (V,)
+        j = len(prefix)
+        assert not mask[:off[j]].any() and not mask[off[j] + model.sizes[j]:].any()  # only level-j codes
+        return [c for c in range(int(model.sizes[j])) if mask[off[j] + c]]
+    assert allowed([]) == [0, 1]  # level-0 code 2 starts no item
+    assert allowed([1]) == [0, 1] and allowed([1, 1]) == [0] and allowed([0, 1]) == [0, 1]
+    assert allowed([1, 1], torch.tensor([[0, 7, 2]])) == [] and allowed([0, 0], torch.tensor([[0, 7, 2]])) == [0]
+    for seed in range(3):  # a narrow beam: every live beam ends in an item outside the window
+        m = tiny_model(sizes=(3, 2, 2), trace_len=1, n_items=7, seed=seed)
+        hist = torch.tensor([[1, 2, 3], [0, 0, 7]])
+        seqs, score = sr.beam_search(m, hist, 3, constrain=True, skip_history=True)
+        items = m.tokens_to_items(seqs[..., 1:4])
+        assert ((items > 0) & ~(items[..., None] == hist[:, None, :]).any(-1) | ~torch.isfinite(score)).all()
+
+
 def test_constrain_items_flags_and_older_checkpoints():
     with pytest.raises(sr.RunError, match="--no-constrain-items"):
         sr.check_config(sr.Config(constrain_levels=False))
     sr.check_config(sr.Config(constrain_levels=False, constrain_items=False))
-    old = {k: v for k, v in dataclasses.asdict(sr.Config()).items() if k != "constrain_items"}
-    assert sr.changed_settings(sr.Config(), old) == ["constrain_items"]  # it decoded freely then
-    assert sr.changed_settings(sr.Config(constrain_items=False), old) == []
+    with pytest.raises(sr.RunError, match="--skip-history"):
+        sr.check_config(sr.Config(constrain_items=False, skip_history="on"))
+    old = {k: v for k, v in dataclasses.asdict(sr.Config()).items() if k not in ("constrain_items", "skip_history")}
+    assert sr.changed_settings(sr.Config(skip_history="off"), old) == ["constrain_items"]  # it decoded freely then
+    assert sr.changed_settings(sr.Config(constrain_items=False, skip_history="off"), old) == []
+    # --skip-history auto: off where a training sequence repeats an item (a target may repeat one)
+    for seqs, want in (([[1, 2, 3, 4, 5], [6, 5, 4]], "on"), ([[1, 2, 1, 4, 5], [6, 5, 4]], "off")):
+        cfg = sr.Config(dataset="x")
+        sr.resolve_budget(cfg, tiny_dataset(seqs))
+        assert cfg.skip_history == want
 
 
 def test_beams_to_items_drops_invalid_merges_duplicates():
@@ -2222,9 +2274,9 @@ def test_user_batches_rank_negatives_and_auto_budgets():
     pop = torch.tensor([0.0, 5, 1, 1, 1, 1, 1])
     gen = torch.Generator().manual_seed(0)
     for kind in ("random", "popular", "direct"):
-        negs = sr.rank_negatives(sr.Config(rank_negs=3, rank_negs_from=kind), direct, hist, target, pop, gen)
+        negs = sr.rank_negatives(sr.Config(rank_negs=3, rank_negs_from=kind, skip_history="on"), direct, hist, target, pop, gen)
         assert negs.shape == (2, 3) and not (negs == target[:, None]).any() and ((negs >= 1) & (negs <= 6)).all()
-    ranked = sr.beams_to_items(direct, *sr.beam_search(direct, hist, 4, constrain=True))[0]
+    ranked = sr.beams_to_items(direct, *sr.beam_search(direct, hist, 4, constrain=True, skip_history=True))[0]
     for b in range(2):  # the beams skip the history window's items (--constrain-items, default)
         want = [i for i in ranked[b].tolist() if i and i != target[b]][:3]
         assert want and not set(want) & set(hist[b].tolist()) and negs[b, :len(want)].tolist() == want
