@@ -994,7 +994,7 @@ def case_groups(split, train, n=4):
 
 
 def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, mask_history=True,
-             oracle_of=None, trim=False, groups=None):
+             oracle_of=None, trim=False, groups=None, paired_to=None):
     """Mean metrics of `score_fn` over an evaluation split (full ranking, batched).
 
     score_fn(histories (B, L) long on `device`) returns (B, N+1) scores, (B, K) ranked item
@@ -1008,9 +1008,12 @@ def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, ma
     varies per batch); only for score_fns that accept any width. Metrics are unchanged.
     groups: case_groups(...) output; adds "groups": {name: {"ranges": .., "views": {view: [one
     {metric: mean} per group]}}} (dict score_fns only).
+    paired_to: a view name; adds "se_diff_ndcg@10" to every view: the standard error of the mean
+    per-case difference in NDCG@10 against that view (paired: the same cases), so a gap between
+    two views of one model can be told from noise.
     Returns {metric: float} for a tensor, {view: {metric: float}} for a dict.
     """
-    sums, single = {}, None
+    sums, single, d2 = {}, None, {}
     gsums = {name: {} for name in (groups or {})}  # name -> view -> metric -> (n,) sums
     lengths = split.ends - split.starts
     order = np.argsort(-np.minimum(lengths, maxlen), kind="stable") if trim else np.arange(len(split))
@@ -1040,6 +1043,8 @@ def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, ma
             acc = sums.setdefault(name, {})
             for m, vals in ms.items():
                 acc[m] = acc.get(m, 0.0) + float(vals.sum())
+            if paired_to is not None:  # squared per-case differences against the reference view
+                d2[name] = d2.get(name, 0.0) + float(((ms["ndcg@10"] - per[paired_to]["ndcg@10"]) ** 2).sum())
         for gname, (gid, ranges) in (groups or {}).items():
             g = torch.from_numpy(gid[rows]).to(device)
             for name, ms in per.items():
@@ -1048,6 +1053,9 @@ def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, ma
                     acc[m] = acc.get(m, 0) + torch.zeros(len(ranges), dtype=torch.float64, device=device).index_add_(0, g, vals.double())
     n = max(len(split), 1)
     res = {name: {m: v / n for m, v in ms.items()} for name, ms in sums.items()}
+    for name, sq in d2.items():  # var(d) = E[d^2] - E[d]^2, SE = sqrt(var / n)
+        mean = res[name]["ndcg@10"] - res[paired_to]["ndcg@10"]
+        res[name]["se_diff_ndcg@10"] = math.sqrt(max(sq / n - mean * mean, 0.0) / n)
     if single:
         return res[""]
     if groups:

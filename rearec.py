@@ -1163,7 +1163,8 @@ def evaluate(model, split, cfg, device, analysis=False, selector=None, groups=No
 
     steps = [f"step{k}" for k in range(cfg.steps + 1)] if analysis else None
     res = data.evaluate(score_fn, split, cfg.max_len, device=device, batch_size=cfg.eval_batch_size,
-                        mask_history=cfg.mask_history, oracle_of=steps, trim=True, groups=groups)
+                        mask_history=cfg.mask_history, oracle_of=steps, trim=True, groups=groups,
+                        paired_to="main" if analysis else None)
     model.train()
     return res
 
@@ -1432,13 +1433,18 @@ def analysis_results(valid, test, cfg):
 def print_analysis(res):
     """Per-step, oracle and selector rows, then NDCG@10 by quartile of history length and of target
     popularity (paper Fig. 4)."""
+    own = res["test"]["ndcg@10"] if res.get("recommend_view", "main") == "main" else None
+    def delta(m):  # ndcg@10 against the own view, with the paired standard error of the difference
+        if own is None or "se_diff_ndcg@10" not in m:
+            return ""
+        return f" | vs own {m['ndcg@10'] - own:+.4f} ± {m['se_diff_ndcg@10']:.4f}"
     for name, m in list(res["per_step"].items()) + [("oracle", res["oracle"])]:
-        print(f"test {name:11s} | {fmt(m)}")
+        print(f"test {name:11s} | {fmt(m)}{delta(m)}")
     for name, s in res["selectors"].items():
         extra = "".join(f" | {k} {s['test'][k]:.2f}" for k in ("steps", "step") if k in s["test"])
         closed = f"{100 * s['gap_closed']:+.0f} %" if s["gap_closed"] is not None else "n/a"
         star = " <- chosen on valid" if res["selector"] and name == res["selector"]["name"] else ""
-        print(f"test {name:11s} | {fmt(s['test'])} | gap to oracle closed {closed}{extra}{star}")
+        print(f"test {name:11s} | {fmt(s['test'])}{delta(s['test'])} | gap to oracle closed {closed}{extra}{star}")
     for gname, g in (res["groups"] or {}).items():
         views = ["main"] + list(res["per_step"]) + ([res["selector"]["name"]] if res["selector"] else []) + ["oracle"]
         head = " | ".join(f"Q{i + 1} {lo}-{hi}" for i, (lo, hi) in enumerate(g["ranges"]))

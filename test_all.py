@@ -1146,6 +1146,24 @@ def test_cross_fitted_selector_scores_each_case_with_the_other_folds_head():
     assert rearec.case_fold(hist).tolist() == [1, 0] and torch.equal(rearec.case_fold(hist[:, 1:]), rearec.case_fold(hist))
 
 
+def test_paired_standard_error_of_a_view_difference():
+    """data.evaluate(paired_to="main"): each view's SE of the mean per-case NDCG@10 difference
+    against main, against numpy on the per-case values (rank_metrics); main's own SE is 0."""
+    g = torch.Generator().manual_seed(0)
+    ds = data.load_dataset("synthetic", verbose=False)
+    split = ds.test
+    n = len(split)
+    scores = {v: torch.randn(n, ds.n_items + 1, generator=g) for v in ("main", "other")}
+    out = data.evaluate(lambda h: {v: s[:len(h)] for v, s in scores.items()}, split, 20, batch_size=n,
+                        mask_history=False, paired_to="main")
+    target = torch.from_numpy(split.targets)
+    per = {v: data.rank_metrics(s, target)["ndcg@10"].numpy() for v, s in scores.items()}
+    d = per["other"] - per["main"]
+    assert out["other"]["se_diff_ndcg@10"] == pytest.approx(d.std() / math.sqrt(n), rel=1e-9)
+    assert out["other"]["ndcg@10"] - out["main"]["ndcg@10"] == pytest.approx(d.mean())
+    assert out["main"]["se_diff_ndcg@10"] == 0.0 and d.std() > 0
+
+
 def test_target_ranks_and_prefix_items_by_hand():
     logp = torch.log_softmax(torch.tensor([[[5.0, 4, 3, 2, 1]], [[1.0, 2, 3, 4, 5]]]), -1)  # (2, 1, 5) items 1..5
     t = torch.tensor([3, 2])
