@@ -601,6 +601,12 @@ class Seqs:
     def lengths(self):
         return self.ends - self.starts
 
+    def positions(self):
+        """(row, pos): for every item of every row, oldest first, its row and its index in `items`."""
+        lens = self.lengths()
+        row = np.repeat(np.arange(len(self)), lens)
+        return row, np.repeat(self.starts, lens) + np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+
 
 @dataclass
 class Dataset:
@@ -879,9 +885,9 @@ def train_batches(train, maxlen, batch_size, *, pairs=False, device="cpu", gener
     """
     lens = train.lengths()
     if pairs:  # every position after a user's first item is a target, its prefix the history
-        row_start = np.repeat(train.starts, lens)  # (n,) for every training position
-        offset = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-        starts, ends = row_start[offset >= 1], (row_start + offset)[offset >= 1]
+        row, pos = train.positions()  # (n,) for every training position
+        offset = pos - train.starts[row]
+        starts, ends = train.starts[row][offset >= 1], pos[offset >= 1]
     else:  # users with < 2 items have nothing to predict
         keep = lens >= 2
         starts, ends = train.starts[keep], train.ends[keep]

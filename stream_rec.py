@@ -530,9 +530,7 @@ def cooc_features(train, n_items, window, dim, seed):
     -> positive PMI -> SVD. (Valid/test targets never leak into the semantic IDs.)"""
     # Reconstructed: the paper quantises text embeddings only; data without titles (SASRec's
     # ml-1m.txt) needs a text-free item vector, and co-occurrence is the standard one.
-    lens = train.lengths()
-    row = np.repeat(np.arange(len(train)), lens)  # (n,) sequence of each training position
-    pos = np.repeat(train.starts, lens) + np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+    row, pos = train.positions()  # (n,) sequence of each training position, its index in items
     seq = train.items[pos] - 1  # (n,) item index 0..N-1, users back to back
     a, b = [], []
     for d in range(1, window):  # pairs (x_p, x_{p+d}) inside the same sequence
@@ -1422,7 +1420,7 @@ def direct_negatives(cfg, direct, hist, target, n_items, gen):
     """Spec §4.3.4 [R]: the rejected item is the direct model's greedy top-1 when it is wrong;
     when it is right (or not an item) a random other item stands in."""
     # Reconstructed: "contrast with the direct recommender": its wrong guess is the hard negative.
-    top1 = beam_search(direct, hist, 1, constrain=cfg.constrain_items, skip_history=cfg.skip_history == "on")[0]  # (B, 1, T)
+    top1 = beam_search(direct, hist, 1, **decoding(cfg))[0]  # (B, 1, T)
     pred = direct.tokens_to_items(top1[:, 0, :direct.M])  # (B,)
     other = random_other(target, n_items, (1,), gen)[:, 0]
     return torch.where((pred == target) | (pred == 0), other, pred)
@@ -1626,8 +1624,7 @@ def rank_negatives(cfg, direct, hist, target, pop, gen):
     fill = torch.where(fill == target[:, None], random_other(target, len(pop) - 1, (n,), gen), fill)
     if cfg.rank_negs_from == "popular":
         return fill
-    items = beams_to_items(direct, *beam_search(direct, hist, n + 1, constrain=cfg.constrain_items,
-                                                skip_history=cfg.skip_history == "on"))[0]  # (B, n+1) ranked, PAD = empty
+    items = beams_to_items(direct, *beam_search(direct, hist, n + 1, **decoding(cfg)))[0]  # (B, n+1) ranked, PAD = empty
     items = items.masked_fill(items == target[:, None], PAD_TOK)
     items = items.gather(1, torch.argsort((items == PAD_TOK).long(), dim=1, stable=True))[:, :n]
     return torch.where(items == PAD_TOK, fill[:, :items.shape[1]], items)
@@ -1805,8 +1802,7 @@ def evaluate_split(cfg, model, split, beam, device):
     count = dict(invalid=0, beams=0)
 
     def score_fn(hist):
-        seqs, score = beam_search(model, hist, beam, cfg.trace_decode == "greedy", cfg.constrain_items,
-                                  cfg.skip_history == "on")
+        seqs, score = beam_search(model, hist, beam, cfg.trace_decode == "greedy", **decoding(cfg))
         items, invalid = beams_to_items(model, seqs, score, cfg.merge)
         usage.index_add_(0, seqs[:, 0, :model.l].flatten(), torch.ones(hist.shape[0] * model.l, device=device))
         count["invalid"] += invalid
@@ -1855,16 +1851,30 @@ def benchmark(cfg, ds, sids, device, keys):
 
 def has_repeats(train):
     """Does any training sequence hold one item twice?"""
-    lens = train.lengths()
-    pos = np.repeat(train.starts, lens) + np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-    pairs = np.repeat(np.arange(len(train), dtype=np.int64), lens) * (int(train.items.max(initial=0)) + 1) + train.items[pos]
+    row, pos = train.positions()
+    pairs = row.astype(np.int64) * (int(train.items.max(initial=0)) + 1) + train.items[pos]
     return len(np.unique(pairs)) < len(pairs)
+
+
+def resolve_decoding(cfg, ds):
+    """--skip-history auto: on unless a training sequence repeats an item (the protocol keeps a
+    target that repeats a history item, so skipping the history would lose it)."""
+    if cfg.skip_history == "auto":
+        repeats = has_repeats(ds.train)
+        cfg.skip_history = "off" if repeats or not cfg.constrain_items else "on"
+        print(f"skip-history auto -> {cfg.skip_history} ("
+              + ("training sequences repeat items: a target may be one of its history's"
+                 if repeats else "no training sequence repeats an item") + ")")
+
+
+def decoding(cfg):
+    """beam_search's constraint flags from the config."""
+    return dict(constrain=cfg.constrain_items, skip_history=cfg.skip_history == "on")
 
 
 def resolve_budget(cfg, ds):
     """--epochs 0, --max-examples -1 and --rl-max-examples -1 (auto): the small budget of the
-    built-in synthetic demo (a few CPU-minutes), full epochs with early stopping on real data.
-    --skip-history auto: on unless a training sequence repeats an item."""
+    built-in synthetic demo (a few CPU-minutes), full epochs with early stopping on real data."""
     demo = cfg.dataset == "synthetic"
     if cfg.epochs == 0:
         cfg.epochs = 3 if demo else 50
@@ -1872,12 +1882,6 @@ def resolve_budget(cfg, ds):
         cfg.max_examples = 8192 if demo else 0
     if cfg.rl_max_examples < 0:
         cfg.rl_max_examples = 512 if demo else 0
-    if cfg.skip_history == "auto":
-        repeats = has_repeats(ds.train)
-        cfg.skip_history = "off" if repeats or not cfg.constrain_items else "on"
-        print(f"skip-history auto -> {cfg.skip_history} ("
-              + ("training sequences repeat items: a target may be one of its history's"
-                 if repeats else "no training sequence repeats an item") + ")")
     n = int(ds.stats["train_targets"])
     users = int((ds.train.lengths() >= 2).sum())
     rl_n = users if cfg.rl_data == "users" else n
@@ -1899,8 +1903,7 @@ def estimate_time(cfg, ds, sids, device, keys):
     per_case = {}
     for l in sorted({0, cfg.trace_len}):  # seconds per validation case, beam --beam-valid
         model, t0 = new_model(cfg, sids, l, device), time.time()
-        beam_search(model, hist, cfg.beam_valid, cfg.trace_decode == "greedy", cfg.constrain_items,
-                    cfg.skip_history == "on")
+        beam_search(model, hist, cfg.beam_valid, cfg.trace_decode == "greedy", **decoding(cfg))
         per_case[l] = (time.time() - t0) / len(hist)
     model, t0 = new_model(cfg, sids, cfg.trace_len, device), time.time()
     stage2_annotate(model, model.encode(hist), target_repr(model, torch.from_numpy(
@@ -1943,6 +1946,7 @@ def main(argv=None) -> dict:
                                min_rating=cfg.min_rating, kcore=cfg.kcore, attributes=cfg.attributes)
         check_config(cfg, ds)  # the limits the data sets (beam widths, ranking negatives)
         resolve_budget(cfg, ds)
+        resolve_decoding(cfg, ds)
         sids = build_semantic_ids(cfg, ds)
         if cfg.benchmark:
             phase = "during the benchmark; benchmark.json not written"

@@ -1779,7 +1779,7 @@ def test_constrain_items_flags_and_older_checkpoints():
     # --skip-history auto: off where a training sequence repeats an item (a target may repeat one)
     for seqs, want in (([[1, 2, 3, 4, 5], [6, 5, 4]], "on"), ([[1, 2, 1, 4, 5], [6, 5, 4]], "off")):
         cfg = sr.Config(dataset="x")
-        sr.resolve_budget(cfg, tiny_dataset(seqs))
+        sr.resolve_decoding(cfg, tiny_dataset(seqs))
         assert cfg.skip_history == want
 
 
