@@ -933,6 +933,8 @@ class StepSelector(nn.Module):
         return F.log_softmax(self.score(feats)[..., 0] + self.step_bias + case @ self.case_weight, dim=-1)
 
 
+# Reconstructed: selectors are not in the paper; cross-fitting is the standard way to score a
+# model fitted on the same held-out cases that choose it (README "Choosing a step per case").
 class CrossFitSelector(nn.Module):
     """A StepSelector fitted on the validation cases, plus two heads for an honest validation
     score (cross-fitting): the cases are split in two folds by case_fold, heads[f] is fitted on
