@@ -90,7 +90,7 @@ STAGES = {"base": "base", "1": "stage1", "2": "stage2", "3": "stage3"}  # flag v
 CHOICES = dict(features=("auto", "attr", "attr+cooc", "text", "cooc"), annotate=("offline", "online"),
                target_repr=("feature", "sid"), annot_keep=("all", "gain"), dpo_form=("direct", "shared"),
                rl_data=("users", "prefixes"), match_reward=("prefix", "level", "exact"),
-               rank_negs_from=("direct", "popular", "random"), trace_decode=("beam", "greedy"),
+               rank_negs_from=("direct", "popular", "random"), trace_decode=("beam", "greedy", "split"),
                merge=("max", "lse"), skip_history=("auto", "on", "off"))  # flag -> its allowed values
 MAX_ENCODER_TOKENS = 1024  # --max-len x (--levels + 1) cap: encoder attention memory grows with its square
 CHEAP_WIDTH = 100  # beams and ranking negatives up to this are allowed on any data; wider: at most N items
@@ -182,7 +182,8 @@ class Config:
     # evaluation (Spec §2.5, §5.3)
     beam_valid: int = 20  # beam size on validation (MTGRec: 20)
     beam_test: int = 50  # beam size on test (MTGRec: 50)
-    trace_decode: str = "beam"  # beam: one beam over trace + SID; greedy: greedy trace (Spec §7.13)
+    trace_decode: str = "beam"  # beam: one beam over trace + SID | greedy: greedy trace, then a beam over the SID (Spec §7.13) | split: the --trace-beams best traces, each with its own SID beam
+    trace_beams: int = 4  # traces kept by --trace-decode split (each then gets a full --beam-valid/--beam-test SID beam: that many times the decoding cost)
     merge: str = "max"  # beams that end in one item: max (its best trace) | lse (log-sum-exp over its traces: the item's marginal probability)
     eval_batch: int = 128  # histories per evaluation batch
     # run
@@ -240,7 +241,7 @@ def check_config(cfg, ds=None):
              f"--{f.name.replace('_', '-')} must be a finite number (got {v})")
     need(cfg.trace_len >= 0, f"--trace-len must be >= 0 (got {cfg.trace_len})")
     for name in ("levels", "max_len", "feature_dim", "d_model", "n_heads", "d_ff", "enc_layers",
-                 "dec_layers", "rl_epochs", "batch_size", "rl_batch", "beam_valid", "beam_test",
+                 "dec_layers", "rl_epochs", "batch_size", "rl_batch", "beam_valid", "beam_test", "trace_beams",
                  "eval_batch", "kmeans_iters", "benchmark_steps"):
         need(getattr(cfg, name) >= 1, f"--{name.replace('_', '-')} must be >= 1 "
              f"(got {getattr(cfg, name)})")
@@ -1081,8 +1082,8 @@ def load_stage(cfg, key, sids, device, needed_by):
 RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benchmark",
             "benchmark_steps", "stages", "eval_batch", "overwrite", "estimate"}
 # What a checkpoint written before a flag existed ran with (its value then, not today's default).
-OLDER = {"constrain_items": False, "skip_history": "off"}
-DECODING = {"constrain_items", "skip_history"}  # decoding only: the stored stage-2 traces do not depend on them
+OLDER = {"constrain_items": False, "skip_history": "off", "trace_beams": 4}
+DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "merge"}  # decoding only: the stored stage-2 traces do not depend on them
 
 
 def changed_settings(cfg, saved):
@@ -1740,10 +1741,12 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
 # Evaluation: batched beam search over trace + SID (Spec §2.5, §5.3), shared metrics (data.py)
 # -----------------------------------------------------------------------------
 @torch.no_grad()
-def beam_search(model, hist, beam, greedy_trace=False, constrain=False, skip_history=False):
+def beam_search(model, hist, beam, traces=0, constrain=False, skip_history=False):
     """Keep the `beam` most probable partial outputs per history, all histories at once.
     Returns tokens (B, W, T) and log-probs (B, W), best first; -inf marks a dead beam (fewer
-    than `beam` possible outputs). greedy_trace: width 1 over the l thinking positions.
+    than `beam` possible outputs). traces=0: one beam of width `beam` over trace and SID;
+    traces=n >= 1: width n over the l thinking positions (n = 1: the greedy trace), then each of
+    those n traces gets its own SID beam of width `beam` (W = n * beam).
     constrain (--constrain-items): the SID positions follow the prefix trie of the items, so
     every live beam ends in an item; skip_history (with constrain): never in one of the history
     window's items (a target that repeats one can then not be found: auto turns it on only for
@@ -1753,24 +1756,35 @@ def beam_search(model, hist, beam, greedy_trace=False, constrain=False, skip_his
     # Reconstructed: trie-constrained decoding (common in TIGER-style code; TIGER itself decodes
     # freely and counts invalid IDs). On Toys a free beam of 20 wasted 17 % of its beams on code
     # tuples that are no item (README); the scores stay the model's own log-probabilities.
+    # Reconstructed (new, --trace-decode split): with one shared beam the width goes to trace
+    # variants of a few items (on Toys stage 1, 20 beams held ~11 distinct items: R@20 ~ R@10);
+    # n traces with a full SID beam each keep `beam` items per trace, and --merge lse then sums
+    # an item over them: log sum_o P(o | x) P(SID | o, x) over the n best traces o.
     skip = hist if skip_history else None
     memory = model.encode(hist)
-    B, dev = hist.shape[0], hist.device
+    B, dev, V = hist.shape[0], hist.device, model.emb.num_embeddings
     inp, cache = torch.full((B, 1, 1), BOS, device=dev), None
     score, seqs = torch.zeros(B, 1, device=dev), torch.zeros(B, 1, 0, dtype=torch.long, device=dev)
+    groups = 1  # independent beams per history: the traces, once they are written (split)
     for p in range(model.T):
         d, cache = model.decode(memory, inp, p, cache)  # (B, W, 1, D)
         lp = model.log_probs(d, p)[:, :, 0]  # (B, W, V)
         if constrain and model.l <= p < model.l + model.M:
             lp = lp.masked_fill(~model.item_continuations(seqs, p, skip), -math.inf)
-        cand = (score[..., None] + lp).flatten(1)  # (B, W*V)
-        width = 1 if greedy_trace and p < model.l else beam
-        score, idx = cand.topk(min(width, cand.shape[1]), dim=1)  # (B, W') best first
-        src, tok = idx // model.emb.num_embeddings, idx % model.emb.num_embeddings
+        if traces and p == model.l:
+            groups = score.shape[1]  # from here on every trace keeps a beam of its own
+        width = traces if traces and p < model.l else beam
+        cand = (score[..., None] + lp).view(B, groups, -1)  # (B, G, W/G * V)
+        score, idx = cand.topk(min(width, cand.shape[2]), dim=2)  # (B, G, W') best first per group
+        src = idx // V + torch.arange(groups, device=dev)[:, None] * (lp.shape[1] // groups)
+        score, src, tok = score.flatten(1), src.flatten(1), (idx % V).flatten(1)  # (B, G*W')
         rows = torch.arange(B, device=dev)[:, None]
-        seqs = torch.cat([seqs[rows, src], tok[..., None]], 2)  # (B, W', p+1)
+        seqs = torch.cat([seqs[rows, src], tok[..., None]], 2)  # (B, G*W', p+1)
         cache = [tuple(c.unflatten(0, (B, -1))[rows, src].flatten(0, 1) for c in kv) for kv in cache]
         inp = tok[..., None]
+    if groups > 1:  # best first over all the traces' beams
+        order = torch.argsort(-score, dim=1, stable=True)
+        score, seqs = score.gather(1, order), seqs[torch.arange(B, device=dev)[:, None], order]
     return seqs, score
 
 
@@ -1802,7 +1816,7 @@ def evaluate_split(cfg, model, split, beam, device):
     count = dict(invalid=0, beams=0)
 
     def score_fn(hist):
-        seqs, score = beam_search(model, hist, beam, cfg.trace_decode == "greedy", **decoding(cfg))
+        seqs, score = beam_search(model, hist, beam, **decoding(cfg))
         items, invalid = beams_to_items(model, seqs, score, cfg.merge)
         usage.index_add_(0, seqs[:, 0, :model.l].flatten(), torch.ones(hist.shape[0] * model.l, device=device))
         count["invalid"] += invalid
@@ -1868,8 +1882,9 @@ def resolve_decoding(cfg, ds):
 
 
 def decoding(cfg):
-    """beam_search's constraint flags from the config."""
-    return dict(constrain=cfg.constrain_items, skip_history=cfg.skip_history == "on")
+    """beam_search's trace and constraint flags from the config."""
+    return dict(traces=dict(beam=0, greedy=1, split=cfg.trace_beams)[cfg.trace_decode],
+                constrain=cfg.constrain_items, skip_history=cfg.skip_history == "on")
 
 
 def resolve_budget(cfg, ds):
@@ -1903,7 +1918,7 @@ def estimate_time(cfg, ds, sids, device, keys):
     per_case = {}
     for l in sorted({0, cfg.trace_len}):  # seconds per validation case, beam --beam-valid
         model, t0 = new_model(cfg, sids, l, device), time.time()
-        beam_search(model, hist, cfg.beam_valid, cfg.trace_decode == "greedy", **decoding(cfg))
+        beam_search(model, hist, cfg.beam_valid, **decoding(cfg))
         per_case[l] = (time.time() - t0) / len(hist)
     model, t0 = new_model(cfg, sids, cfg.trace_len, device), time.time()
     stage2_annotate(model, model.encode(hist), target_repr(model, torch.from_numpy(

@@ -1709,12 +1709,28 @@ def test_beam_search_returns_the_true_top_sequences():
         top = lp.topk(beam, dim=1)
         assert torch.allclose(score, top.values, atol=1e-5)
         assert torch.equal(seqs, y[torch.arange(2)[:, None], top.indices])
-    seqs, score = sr.beam_search(model, hist, 6, greedy_trace=True)  # trace = argmax, then exact
+    seqs, score = sr.beam_search(model, hist, 6, traces=1)  # trace = argmax, then exact
     first = model.log_probs(model.decode(memory, torch.full((2, 1, 1), sr.BOS))[0])  # (B, 1, 1, V)
     assert (seqs[:, :, 0] == first[:, 0, 0].argmax(-1)[:, None]).all()
     same = y[:, :, 0] == seqs[:, :1, 0]
     best = lp.masked_fill(~same, -math.inf).topk(6, dim=1)
     assert torch.allclose(score, best.values, atol=1e-5)
+    # --trace-decode split: the n most probable traces, each with its own exact SID beam of 3
+    # (3 = the partial outputs before the last code: exact per trace), all 3n beams best first
+    for n in (2, 3):
+        seqs, score = sr.beam_search(model, hist, 3, traces=n)
+        traces = first[:, 0, 0, sr.FIRST_CODE:].topk(n, dim=1).indices + sr.FIRST_CODE  # (B, n)
+        for b in range(2):
+            want = []
+            for t in traces[b].tolist():
+                top = lp[b].masked_fill(y[b, :, 0] != t, -math.inf).topk(3)
+                want += zip(top.values.tolist(), top.indices.tolist())
+            want.sort(key=lambda w: -w[0])
+            assert torch.allclose(score[b], torch.tensor([w[0] for w in want]), atol=1e-5)
+            assert torch.equal(seqs[b], y[b, [w[1] for w in want]])
+    assert sr.decoding(sr.Config(trace_decode="split", trace_beams=3))["traces"] == 3
+    assert sr.decoding(sr.Config(trace_decode="greedy"))["traces"] == 1
+    assert sr.decoding(sr.Config())["traces"] == 0
 
 
 @pytest.mark.parametrize("trace_len", [0, 1])
