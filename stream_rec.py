@@ -1876,9 +1876,10 @@ def resolve_decoding(cfg, ds):
     if cfg.skip_history == "auto":
         repeats = has_repeats(ds.train)
         cfg.skip_history = "off" if repeats or not cfg.constrain_items else "on"
-        print(f"skip-history auto -> {cfg.skip_history} ("
-              + ("training sequences repeat items: a target may be one of its history's"
-                 if repeats else "no training sequence repeats an item") + ")")
+        why = ("training sequences repeat items: a target may be one of its history's" if repeats else
+               "--no-constrain-items: skipping works inside the item trie" if not cfg.constrain_items else
+               "no training sequence repeats an item")
+        print(f"skip-history auto -> {cfg.skip_history} ({why})")
 
 
 def decoding(cfg):

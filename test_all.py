@@ -1783,7 +1783,7 @@ def test_item_continuations_follow_the_trie_by_hand():
         assert ((items > 0) & ~(items[..., None] == hist[:, None, :]).any(-1) | ~torch.isfinite(score)).all()
 
 
-def test_constrain_items_flags_and_older_checkpoints():
+def test_constrain_items_flags_and_older_checkpoints(capsys):
     with pytest.raises(sr.RunError, match="--no-constrain-items"):
         sr.check_config(sr.Config(constrain_levels=False))
     sr.check_config(sr.Config(constrain_levels=False, constrain_items=False))
@@ -1797,6 +1797,9 @@ def test_constrain_items_flags_and_older_checkpoints():
         cfg = sr.Config(dataset="x")
         sr.resolve_decoding(cfg, tiny_dataset(seqs))
         assert cfg.skip_history == want
+    cfg = sr.Config(dataset="x", constrain_items=False)  # no trie: off, and the line says why
+    sr.resolve_decoding(cfg, tiny_dataset([[1, 2, 3, 4, 5], [6, 5, 4]]))
+    assert cfg.skip_history == "off" and "--no-constrain-items" in capsys.readouterr().out
 
 
 def test_beams_to_items_drops_invalid_merges_duplicates():
