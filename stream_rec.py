@@ -1756,10 +1756,11 @@ def beam_search(model, hist, beam, traces=0, constrain=False, skip_history=False
     # Reconstructed: trie-constrained decoding (common in TIGER-style code; TIGER itself decodes
     # freely and counts invalid IDs). On Toys a free beam of 20 wasted 17 % of its beams on code
     # tuples that are no item (README); the scores stay the model's own log-probabilities.
-    # Reconstructed (new, --trace-decode split): with one shared beam the width goes to trace
-    # variants of a few items (on Toys stage 1, 20 beams held ~11 distinct items: R@20 ~ R@10);
-    # n traces with a full SID beam each keep `beam` items per trace, and --merge lse then sums
-    # an item over them: log sum_o P(o | x) P(SID | o, x) over the n best traces o.
+    # Reconstructed (new, --trace-decode split): one shared beam can spend its width on trace
+    # variants of a few items; n traces with a full SID beam each keep `beam` items per trace,
+    # and --merge lse then sums an item over them: log sum_o P(o | x) P(SID | o, x) over the n
+    # best traces o. Measured (README): best for the synthetic stage 1, worse than the joint
+    # beam on Toys' stage 1, whose traces are far more spread out; so not the default.
     skip = hist if skip_history else None
     memory = model.encode(hist)
     B, dev, V = hist.shape[0], hist.device, model.emb.num_embeddings
