@@ -927,6 +927,23 @@ def _discounts(n, device):
     return torch.cat([zero, torch.cumsum(1 / torch.log2(r + 1), 0)]), torch.cat([zero, torch.cumsum(1 / r, 0)])
 
 
+def target_rank(scores, targets, exclude=None):
+    """(B, N+1) float scores (column 0 = PAD), targets (B,), exclude (B, H) item ids or None ->
+    (greater, ties), (B,) float64 each: how many ranked items score above the target and how many
+    tie with it. PAD and the items in exclude are out of the ranking; the target stays in."""
+    t = targets.view(-1, 1)  # (B, 1)
+    scores = scores.float().clone()  # (B, N+1), the caller's tensor stays untouched
+    if torch.isnan(scores).any():
+        raise DataError("the model produced NaN scores; training diverged (lower the learning "
+                        "rate or the loss weights)")
+    ts = scores.gather(1, t)  # (B, 1) target score
+    scores[:, PAD] = -math.inf
+    if exclude is not None:
+        scores.scatter_(1, exclude, -math.inf)
+    scores.scatter_(1, t, ts)
+    return (scores > ts).sum(1).double(), (scores == ts).sum(1).double() - 1
+
+
 def rank_metrics(out, targets, exclude=None, ks=KS):
     """Per-case Recall/NDCG/MRR@k and MRR from a score matrix or from ranked top-K lists.
 
@@ -941,18 +958,8 @@ def rank_metrics(out, targets, exclude=None, ks=KS):
     """
     t = targets.view(-1, 1)  # (B, 1)
     if out.dtype.is_floating_point:
-        scores = out.float().clone()  # (B, N+1), the caller's tensor stays untouched
-        if torch.isnan(scores).any():
-            raise DataError("the model produced NaN scores; training diverged (lower the learning "
-                            "rate or the loss weights)")
-        ts = scores.gather(1, t)  # (B, 1) target score
-        scores[:, PAD] = -math.inf
-        if exclude is not None:
-            scores.scatter_(1, exclude, -math.inf)
-        scores.scatter_(1, t, ts)
-        greater = (scores > ts).sum(1).double()  # (B,)
-        ties = (scores == ts).sum(1).double() - 1
-        n = scores.shape[1]
+        greater, ties = target_rank(out, targets, exclude)
+        n = out.shape[1]
     else:
         lists = out  # (B, K)
         keep = lists != PAD

@@ -1020,12 +1020,11 @@ def target_ranks(logp, t, exclude=None):
     """(c, K+1, N) item log-probabilities (no PAD column), targets t (c,), exclude (c, X) item ids
     or None -> (c, K+1) each step's rank of the target, 1 = best. As the evaluation ranks: the
     items in exclude (the history; PAD ignored) are out of the ranking, the target stays in."""
-    target = logp.gather(-1, (t - 1)[:, None, None].expand(-1, logp.shape[1], 1))  # (c, K+1, 1)
-    if exclude is not None:
-        drop = torch.zeros(len(t), logp.shape[-1] + 1, dtype=torch.bool, device=t.device).scatter_(1, exclude, True)
-        drop.scatter_(1, t[:, None], False)  # (c, N+1)
-        logp = logp.masked_fill(drop[:, None, 1:], -math.inf)
-    return (logp > target).sum(-1) + 1
+    c, S, N = logp.shape
+    scores = F.pad(logp, (1, 0)).reshape(c * S, N + 1)  # (c (K+1), N+1) with a PAD column
+    rep = lambda x: x.repeat_interleave(S, 0)  # noqa: E731 (one row per case and step)
+    greater, _ = data.target_rank(scores, rep(t), None if exclude is None else rep(exclude))
+    return (greater.long() + 1).view(c, S)
 
 
 def prefix_items(inputs, pos):
