@@ -171,6 +171,7 @@ class Config:
     beta_kl: float = 0.04  # beta, weight of the k3 KL to the stage-2 reference (Spec §4b: .01-.04)
     rl_inner: int = 2  # policy updates per batch of rollouts (Spec §4b: 1-2)
     rl_temp: float = 1.0  # sampling temperature of the rollouts (Spec §4b)
+    rl_trie: bool = False  # sample the rollouts' SIDs inside the item trie (as --constrain-items decodes); the policy ratio and KL use the same renormalised distribution (ours)
     w_format: float = 1.0  # weight of the format reward (Spec §4b.1)
     w_match: float = 1.0  # weight of the exact-match prefix reward (Spec §4b.2)
     w_sim: float = 0.5  # weight of the state-target similarity reward (Spec §4b.3)
@@ -1598,13 +1599,18 @@ def fmt_diag(x):
 # Stage 3: reinforcement learning with GRPO and five rewards (Spec §4b)
 # -----------------------------------------------------------------------------
 @torch.no_grad()
-def sample(model, memory, W, temp, gen):
-    """W rollouts per history from the policy: tokens (B, W, T), states d (B, W, T, D)."""
+def sample(model, memory, W, temp, gen, trie=False):
+    """W rollouts per history from the policy: tokens (B, W, T), states d (B, W, T, D).
+    trie (--rl-trie): the SID positions sample only continuations of some item's SID prefix."""
     B = memory["mask"].shape[0]
     inp, cache, ys, ds = torch.full((B, W, 1), BOS, device=gen.device), None, [], []
     for p in range(model.T):
         d, cache = model.decode(memory, inp, p, cache)  # (B, W, 1, D)
-        probs = (model.log_probs(d, p)[:, :, 0] / temp).softmax(-1)  # (B, W, V)
+        lp = model.log_probs(d, p)[:, :, 0]  # (B, W, V)
+        if trie and model.l <= p < model.l + model.M:
+            seqs = torch.cat(ys, 2) if ys else torch.zeros(B, W, 0, dtype=torch.long, device=gen.device)
+            lp = lp.masked_fill(~model.item_continuations(seqs, p), -math.inf)
+        probs = (lp / temp).softmax(-1)  # (B, W, V)
         inp = torch.multinomial(probs.flatten(0, 1), 1, generator=gen).view(B, W, 1)
         ys.append(inp)
         ds.append(d)
@@ -1668,6 +1674,16 @@ def stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, t, negs=None
 REWARDS = ("format", "match", "sim", "lik", "rank")
 
 
+def trie_masks(model, y):
+    """--rl-trie: the tokens the item trie allows at every position of the rollouts y (B, G, T),
+    given the tokens before it: (B, G, T, V) bool, all True outside the SID positions."""
+    B, G, T = y.shape
+    allowed = torch.ones(B, G, T, model.emb.num_embeddings, dtype=torch.bool, device=y.device)
+    for p in range(model.l, model.l + model.M):
+        allowed[:, :, p] = model.item_continuations(y[..., :p], p)
+    return allowed
+
+
 def user_batches(train, maxlen, batch_size, device, gen):
     """One example per user (at least 2 training items), shuffled: the training prefix ->
     the user's last training item. Yields histories (B, L), targets (B,)."""
@@ -1699,7 +1715,12 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
     pop = torch.bincount(torch.from_numpy(ds.train.items), minlength=ds.n_items + 1).float().to(device)
     pop[PAD_TOK] = 0  # (N+1,) training popularity, for the popular negatives
 
-    def tempered(lp):  # (B, G, T, V) log-probs of the distribution the rollouts are sampled from
+    def tempered(lp, allowed=None):  # (B, G, T, V) log-probs of the distribution the rollouts are sampled from
+        # Reconstructed (--rl-trie): inference decodes inside the item trie (--constrain-items), so the
+        # rollouts are sampled there too and the policy is the trie-renormalised distribution: the
+        # format term is then constant, and no update is spent on SIDs that are no item.
+        if allowed is not None:
+            lp = lp.masked_fill(~allowed, -math.inf).log_softmax(-1)
         return lp if cfg.rl_temp == 1 else (lp / cfg.rl_temp).log_softmax(-1)
 
     def step(epoch, hist, target, *_):
@@ -1707,18 +1728,19 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
         policy.eval()
         with torch.no_grad():  # ALGO LOGIC: rollouts, rewards and advantages (Spec §4b)
             memory = policy.encode(hist)
-            y, d = sample(policy, memory, cfg.group_size, cfg.rl_temp, gen)  # (B, G, T)
+            y, d = sample(policy, memory, cfg.group_size, cfg.rl_temp, gen, cfg.rl_trie)  # (B, G, T)
+            allowed = trie_masks(policy, y) if cfg.rl_trie else None  # (B, G, T, V) or None
             negs = rank_negatives(cfg, direct, hist, target, pop, gen) if cfg.w_rank else None
             t = target_repr(policy, target, cfg.target_repr).detach()
             rewards = stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, t, negs)
             R = rewards @ w  # (B, G) total reward sum_k w_k r_k
             adv = group_advantages(R)  # (B, G)
-            old_lp = token_logp(tempered(teacher_forced(policy, memory, y)[0]), y)  # (B, G, T) pi_old
-            ref_lp = token_logp(tempered(teacher_forced(ref, ref.encode(hist), y)[0]), y)
+            old_lp = token_logp(tempered(teacher_forced(policy, memory, y)[0], allowed), y)  # (B, G, T) pi_old
+            ref_lp = token_logp(tempered(teacher_forced(ref, ref.encode(hist), y)[0], allowed), y)
         for _ in range(cfg.rl_inner):  # ALGO LOGIC: clipped policy updates on the same rollouts
             # Note: ratio and KL use the same temperature as the sampling (--rl-temp), so the
             # ratio is exactly 1 at the first update and the clip means what it says.
-            lp_all = tempered(teacher_forced(policy, policy.encode(hist), y)[0])  # (B, G, T, V)
+            lp_all = tempered(teacher_forced(policy, policy.encode(hist), y)[0], allowed)  # (B, G, T, V)
             loss, st = grpo_loss(token_logp(lp_all, y), old_lp, ref_lp, adv, cfg.clip_eps,
                                  cfg.beta_kl, weight)
             update(policy, opt, loss, cfg, "stage3")

@@ -1694,6 +1694,25 @@ def test_stage3_rewards_format_match_similarity():
         assert rk[0, g, 4].item() == pytest.approx(1 - sum(x >= lp[0] for x in lp[1:]) / 3)
 
 
+def test_rl_trie_rollouts_are_items_and_masks_match_a_brute_force():
+    """--rl-trie: sampled SIDs are always items (free sampling is not), and trie_masks allows a
+    token exactly when the SID so far plus that token starts some item's SID."""
+    model = tiny_model(sizes=(3, 2), n_items=5, trace_len=1, seed=1)  # (2, 1) is no item
+    memory = model.encode(torch.tensor([[1, 2, 3], [0, 4, 5]]))
+    l, M = model.l, model.M
+    free, _ = sr.sample(model, memory, 300, 1.0, torch.Generator().manual_seed(0))
+    y, _ = sr.sample(model, memory, 300, 1.0, torch.Generator().manual_seed(0), trie=True)  # (2, 300, T)
+    assert (model.tokens_to_items(y[..., l:l + M]) > 0).all() and (y[..., l + M] == sr.EOS).all()
+    assert (model.tokens_to_items(free[..., l:l + M]) == 0).any()
+    sids = model.item_tokens[1:].tolist()  # every item's SID tokens
+    allowed = sr.trie_masks(model, y)
+    for b, g in [(0, 0), (0, 7), (1, 3), (1, 299)]:
+        for p in range(model.T):
+            for v in range(model.emb.num_embeddings):
+                want = (not l <= p < l + M) or any(s[:p - l] == y[b, g, l:p].tolist() and s[p - l] == v for s in sids)
+                assert bool(allowed[b, g, p, v]) == want
+
+
 # --- Beam search ----------------------------------------------------------------------------------
 def test_beam_search_returns_the_true_top_sequences():
     model = tiny_model(sizes=(3, 2), trace_len=1, seed=2)  # 5 thinking tokens x 3 x 2 = 30 outputs
@@ -2368,7 +2387,8 @@ def test_a_checkpoint_of_another_version_is_one_line(tiny_run):
      "--rl-data", "prefixes"],
     ["--annot-keep", "gain", "--annot-every", "1", "--epochs", "2", "--match-reward", "level",
      "--rank-negs-from", "popular", "--merge", "lse", "--trace-decode", "greedy"],
-    ["--self-trace-frac", "1", "--match-reward", "exact", "--target-repr", "sid", "--trace-topk", "1"],
+    ["--self-trace-frac", "1", "--match-reward", "exact", "--target-repr", "sid", "--trace-topk", "1",
+     "--rl-trie"],
 ])
 def test_every_stage2_and_stage3_option_runs(tiny_run, flags):
     root, _ = tiny_run
