@@ -1135,9 +1135,12 @@ def result_rows(path, res, views=False):
                 rows.append(dict(base, name=f"{cfg['method']} (chosen selector)", valid=sel.get("valid", {}),
                                  test=sel.get("test", {}), chosen_as=sel["name"]))
     else:  # stream_rec.py: one entry per stage
-        for stage in ("base", "stage1", "stage2", "stage3"):
+        order = ("base", "stage1", "stage2", "stage3")
+        for i, stage in enumerate(order):
             if isinstance(res.get(stage), dict) and "test" in res[stage]:
+                later = {k for s in order[i + 1:] for k in (res.get("stage_fields") or {}).get(s, ())}  # read after this stage
                 rows.append(dict(common, script="stream_rec", name=stage,
+                                 config={k: v for k, v in used.items() if k not in later},
                                  K=0 if stage == "base" else cfg.get("trace_len", 0),
                                  valid=res[stage].get("valid", {}), test=res[stage]["test"],
                                  best_epoch=res[stage].get("best_epoch")))

@@ -87,6 +87,15 @@ import data
 # Token ids: PAD pads histories, BOS starts the decoder, EOS ends an output; codes come after.
 PAD_TOK, BOS, EOS, FIRST_CODE = 0, 1, 2, 3
 STAGES = {"base": "base", "1": "stage1", "2": "stage2", "3": "stage3"}  # flag value -> result key
+
+
+def stage_fields():
+    """The Config fields only stage 2 reads (sft_lr .. dpo_form) and only stage 3 reads (rl_epochs ..
+    rank_negs_from), as results.json's "stage_fields": `data.py --report` ignores a later stage's
+    fields on an earlier stage's row (the base does not depend on the RL settings)."""
+    names = [f.name for f in dataclasses.fields(Config)]
+    span = lambda a, b: names[names.index(a):names.index(b) + 1]  # noqa: E731
+    return {"stage2": span("sft_lr", "dpo_form"), "stage3": span("rl_epochs", "rank_negs_from")}
 CHOICES = dict(features=("auto", "attr", "attr+cooc", "text", "cooc"), annotate=("offline", "online"),
                target_repr=("feature", "sid"), annot_keep=("all", "gain"), dpo_form=("direct", "shared"),
                rl_data=("users", "prefixes"), match_reward=("prefix", "level", "exact"),
@@ -2008,8 +2017,8 @@ def main(argv=None) -> dict:
             estimate_time(cfg, ds, sids, device, keys)
         path = os.path.join(cfg.out, "results.json")
         old = load_file(path) if os.path.exists(path) else {}  # stages not rerun keep their entries
-        res = dict(config=dataclasses.asdict(cfg), dataset=ds.stats, device=str(device),
-                   torch=torch.__version__, semantic_ids=sids["report"])
+        res = dict(config=dataclasses.asdict(cfg), stage_fields=stage_fields(), dataset=ds.stats,
+                   device=str(device), torch=torch.__version__, semantic_ids=sids["report"])
         res.update({k: old[k] for k in STAGES.values() if k in old})
         order = list(STAGES.values())
         for key in keys:

@@ -582,6 +582,20 @@ def test_report_mean_std_seeds_and_change_against_base(tmp_path, capsys):
     chosen = next(r for r in with_views if r["name"] == "prl (chosen selector)")  # one row over both seeds
     assert chosen["n"] == 2 and chosen["stats"]["ndcg@10"][0] == pytest.approx(0.25) and chosen["chosen"] == ["entropy", "mean"]
     assert "| prl (chosen selector: entropy, mean) |" in views_text
+    # stream_rec's stage_fields: a stage-3 setting splits the stage-3 rows only; the earlier stages
+    # of the two runs (seeds 0 and 1) are one row each
+    for seed, trie in enumerate([False, True]):
+        run = {"config": {"dataset": "syn2", "trace_len": 4, "seed": seed, "rl_trie": trie, "sft_lr": 1e-3},
+               "stage_fields": sr.stage_fields(), "dataset": {"name": "syn2"}}
+        for stage, v in [("base", 0.4), ("stage2", 0.3 + 0.1 * seed), ("stage3", 0.2 + 0.1 * seed)]:
+            run[stage] = {"valid": {"ndcg@10": v}, "test": {"ndcg@10": v}, "best_epoch": 1}
+        (tmp_path / f"stream2_{seed}").mkdir()
+        (tmp_path / f"stream2_{seed}" / "results.json").write_text(json.dumps(run))
+    assert "rl_trie" in sr.stage_fields()["stage3"] and "sft_lr" in sr.stage_fields()["stage2"]
+    rows2 = [r for r in data.report([str(tmp_path)])[1] if r["dataset"] == "syn2"]
+    got = sorted((r["name"], r["settings"], r["n"]) for r in rows2)
+    assert got == [("base", (), 2), ("stage2", (), 2), ("stage3", (("rl_trie", False),), 1),
+                   ("stage3", (("rl_trie", True),), 1)]
     data.main(["--report", str(tmp_path), "--report-split", "valid", "--views"])
     out = capsys.readouterr().out
     assert "prl (r_0)" in out and "prl (oracle)" in out and "valid ndcg@10" in out
