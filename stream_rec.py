@@ -1092,7 +1092,7 @@ def load_stage(cfg, key, sids, device, needed_by):
 RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benchmark",
             "benchmark_steps", "stages", "eval_batch", "overwrite", "estimate"}
 # What a checkpoint written before a flag existed ran with (its value then, not today's default).
-OLDER = {"constrain_items": False, "skip_history": "off", "trace_beams": 4}
+OLDER = {"constrain_items": False, "skip_history": "off", "trace_beams": 4, "rl_trie": False}
 DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "merge"}  # decoding only: the stored stage-2 traces do not depend on them
 
 
