@@ -1708,6 +1708,17 @@ def test_stage3_rewards_format_match_similarity():
         assert rk[0, g, 4].item() == pytest.approx(1 - sum(x >= lp[0] for x in lp[1:]) / 3)
 
 
+def test_checkpoints_older_than_a_flag_read_as_what_they_ran_with():
+    """A checkpoint config without a newer flag means the behaviour before it (OLDER), not
+    today's default: equal when this run asks for that behaviour, a difference otherwise."""
+    old = sr.Config(**sr.OLDER)
+    saved = {k: v for k, v in dataclasses.asdict(old).items() if k not in sr.OLDER}
+    assert set(sr.OLDER) == {"constrain_items", "skip_history", "trace_beams", "rl_trie"}
+    assert sr.changed_settings(old, saved) == []
+    assert sr.changed_settings(sr.Config(rl_trie=True, **{k: v for k, v in sr.OLDER.items() if k != "rl_trie"}),
+                               saved) == ["rl_trie"]
+
+
 def test_rl_trie_rollouts_are_items_and_masks_match_a_brute_force():
     """--rl-trie: sampled SIDs are always items (free sampling is not), and trie_masks allows a
     token exactly when the SID so far plus that token starts some item's SID."""
