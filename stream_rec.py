@@ -180,7 +180,7 @@ class Config:
     beta_kl: float = 0.04  # beta, weight of the k3 KL to the stage-2 reference (Spec §4b: .01-.04)
     rl_inner: int = 2  # policy updates per batch of rollouts (Spec §4b: 1-2)
     rl_temp: float = 1.0  # sampling temperature of the rollouts (Spec §4b)
-    rl_trie: bool = False  # sample the rollouts' SIDs inside the item trie (as --constrain-items decodes); the policy ratio and KL use the same renormalised distribution (ours)
+    rl_trie: bool = True  # sample the rollouts' SIDs inside the item trie (as --constrain-items decodes); the policy ratio and KL use the same renormalised distribution (ours; README: better than free rollouts on the synthetic data and Toys; previous: off)
     w_format: float = 1.0  # weight of the format reward (Spec §4b.1)
     w_match: float = 1.0  # weight of the exact-match prefix reward (Spec §4b.2)
     w_sim: float = 0.5  # weight of the state-target similarity reward (Spec §4b.3)

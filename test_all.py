@@ -2413,7 +2413,7 @@ def test_a_checkpoint_of_another_version_is_one_line(tiny_run):
     ["--annot-keep", "gain", "--annot-every", "1", "--epochs", "2", "--match-reward", "level",
      "--rank-negs-from", "popular", "--merge", "lse", "--trace-decode", "greedy"],
     ["--self-trace-frac", "1", "--match-reward", "exact", "--target-repr", "sid", "--trace-topk", "1",
-     "--rl-trie"],
+     "--no-rl-trie"],
 ])
 def test_every_stage2_and_stage3_option_runs(tiny_run, flags):
     root, _ = tiny_run
