@@ -1096,9 +1096,14 @@ OLDER = {"constrain_items": False, "skip_history": "off", "trace_beams": 4, "rl_
 DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "merge"}  # decoding only: the stored stage-2 traces do not depend on them
 
 
-def changed_settings(cfg, saved):
-    """The config fields (not RUN_ONLY) in which this run differs from a checkpoint's config."""
-    return sorted(k for k, v in dataclasses.asdict(cfg).items() if k not in RUN_ONLY and saved.get(k, OLDER.get(k)) != v)
+def changed_settings(cfg, saved, key=None):
+    """The config fields (not RUN_ONLY) in which this run differs from a checkpoint's config;
+    with key (a stage), only the fields that stage or an earlier one reads (stage_fields: the
+    base's checkpoint does not depend on the RL settings)."""
+    order = list(STAGES.values())
+    later = set() if key is None else {k for s in order[order.index(key) + 1:] for k in stage_fields().get(s, ())}
+    return sorted(k for k, v in dataclasses.asdict(cfg).items()
+                  if k not in RUN_ONLY and k not in later and saved.get(k, OLDER.get(k)) != v)
 
 
 def last_path(cfg, key):
@@ -1120,7 +1125,7 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
     start, stopped = 1, False
     if cfg.resume and os.path.exists(last_path(cfg, key)) and not bench_steps:
         ck = load_file(last_path(cfg, key), ("model", "optimizer", "rngs", "rng", "config", "epoch", "fit"))
-        diff = changed_settings(cfg, ck["config"])
+        diff = changed_settings(cfg, ck["config"], key)
         if diff:
             saved = ", ".join(f"{k}={ck['config'].get(k, OLDER.get(k))}" for k in diff)
             raise RunError(f"--resume: {last_path(cfg, key)} was trained with other settings ({saved}); "
@@ -1546,7 +1551,7 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
     elif offline:
         if cfg.resume and os.path.exists(last_path(cfg, "stage2")) and os.path.exists(traces_path(cfg)):
             store = load_file(traces_path(cfg), ("traces", "keep", "config"))
-            if not set(changed_settings(cfg, store["config"])) - DECODING:
+            if not set(changed_settings(cfg, store["config"], "stage2")) - DECODING:
                 state["store"] = store
                 print(f"stage2: the traces of epoch {store['epoch']} read from {traces_path(cfg)}")
         if state["store"] is None:
@@ -2024,7 +2029,7 @@ def main(argv=None) -> dict:
         for key in keys:
             if cfg.resume and os.path.exists(ckpt_path(cfg, key)):
                 ck = load_stage(cfg, key, sids, "cpu", "--resume")[1]
-                diff = changed_settings(cfg, ck["config"])
+                diff = changed_settings(cfg, ck["config"], key)
                 if diff:
                     saved = ", ".join(f"{k}={ck['config'].get(k, OLDER.get(k))}" for k in diff)
                     raise RunError(f"--resume: {ckpt_path(cfg, key)} was trained with other "

@@ -1715,6 +1715,11 @@ def test_checkpoints_older_than_a_flag_read_as_what_they_ran_with():
     saved = {k: v for k, v in dataclasses.asdict(old).items() if k not in sr.OLDER}
     assert set(sr.OLDER) == {"constrain_items", "skip_history", "trace_beams", "rl_trie"}
     assert sr.changed_settings(old, saved) == []
+    # a stage's checkpoint is compared on what that stage and the earlier ones read
+    now, before = sr.Config(rl_lr=1e-4, sft_lr=1e-3), dataclasses.asdict(sr.Config())
+    assert [sr.changed_settings(now, before, k) for k in ("base", "stage1", "stage2", "stage3")] == \
+        [[], [], ["sft_lr"], ["rl_lr", "sft_lr"]]
+    assert sr.changed_settings(now, before) == ["rl_lr", "sft_lr"]
     assert sr.changed_settings(sr.Config(rl_trie=True, **{k: v for k, v in sr.OLDER.items() if k != "rl_trie"}),
                                saved) == ["rl_trie"]
 
