@@ -87,15 +87,6 @@ import data
 # Token ids: PAD pads histories, BOS starts the decoder, EOS ends an output; codes come after.
 PAD_TOK, BOS, EOS, FIRST_CODE = 0, 1, 2, 3
 STAGES = {"base": "base", "1": "stage1", "2": "stage2", "3": "stage3"}  # flag value -> result key
-
-
-def stage_fields():
-    """The Config fields only stage 2 reads (sft_lr .. dpo_form) and only stage 3 reads (rl_epochs ..
-    rank_negs_from), as results.json's "stage_fields": `data.py --report` ignores a later stage's
-    fields on an earlier stage's row (the base does not depend on the RL settings)."""
-    names = [f.name for f in dataclasses.fields(Config)]
-    span = lambda a, b: names[names.index(a):names.index(b) + 1]  # noqa: E731
-    return {"stage2": span("sft_lr", "dpo_form"), "stage3": span("rl_epochs", "rank_negs_from")}
 CHOICES = dict(features=("auto", "attr", "attr+cooc", "text", "cooc"), annotate=("offline", "online"),
                target_repr=("feature", "sid"), annot_keep=("all", "gain"), dpo_form=("direct", "shared"),
                rl_data=("users", "prefixes"), match_reward=("prefix", "level", "exact"),
@@ -180,7 +171,7 @@ class Config:
     beta_kl: float = 0.04  # beta, weight of the k3 KL to the stage-2 reference (Spec §4b: .01-.04)
     rl_inner: int = 2  # policy updates per batch of rollouts (Spec §4b: 1-2)
     rl_temp: float = 1.0  # sampling temperature of the rollouts (Spec §4b)
-    rl_trie: bool = True  # sample the rollouts' SIDs inside the item trie (as --constrain-items decodes); the policy ratio and KL use the same renormalised distribution (ours; README: better than free rollouts on the synthetic data and Toys; previous: off)
+    rl_trie: bool = True  # sample the rollouts' SIDs inside the item trie (as --constrain-items decodes); the policy ratio and KL use the same renormalised distribution (ours; README: better than free rollouts on the synthetic data, 2 seeds, and on Toys, 1 seed; previous: off)
     w_format: float = 1.0  # weight of the format reward (Spec §4b.1)
     w_match: float = 1.0  # weight of the exact-match prefix reward (Spec §4b.2)
     w_sim: float = 0.5  # weight of the state-target similarity reward (Spec §4b.3)
@@ -1096,12 +1087,21 @@ OLDER = {"constrain_items": False, "skip_history": "off", "trace_beams": 4, "rl_
 DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "merge"}  # decoding only: the stored stage-2 traces do not depend on them
 
 
+def stage_fields():
+    """The Config fields only stage 2 reads (sft_lr .. dpo_form) and only stage 3 reads (rl_epochs ..
+    rank_negs_from, in Config's order), saved as results.json's "stage_fields": neither a --resume
+    nor `data.py --report` compares an earlier stage on a later stage's fields (the base does
+    not depend on the RL settings)."""
+    names = [f.name for f in dataclasses.fields(Config)]
+    span = lambda a, b: names[names.index(a):names.index(b) + 1]  # noqa: E731
+    return {"stage2": span("sft_lr", "dpo_form"), "stage3": span("rl_epochs", "rank_negs_from")}
+
+
 def changed_settings(cfg, saved, key=None):
     """The config fields (not RUN_ONLY) in which this run differs from a checkpoint's config;
-    with key (a stage), only the fields that stage or an earlier one reads (stage_fields: the
-    base's checkpoint does not depend on the RL settings)."""
-    order = list(STAGES.values())
-    later = set() if key is None else {k for s in order[order.index(key) + 1:] for k in stage_fields().get(s, ())}
+    with key (a stage), only the fields that stage or an earlier one reads (stage_fields)."""
+    order, fields = list(STAGES.values()), stage_fields()
+    later = set() if key is None else {k for s in order[order.index(key) + 1:] for k in fields.get(s, ())}
     return sorted(k for k, v in dataclasses.asdict(cfg).items()
                   if k not in RUN_ONLY and k not in later and saved.get(k, OLDER.get(k)) != v)
 
