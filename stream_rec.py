@@ -90,7 +90,7 @@ STAGES = {"base": "base", "1": "stage1", "2": "stage2", "3": "stage3"}  # flag v
 CHOICES = dict(features=("auto", "attr", "attr+cooc", "text", "cooc"), annotate=("offline", "online"),
                target_repr=("feature", "sid"), annot_keep=("all", "gain"), dpo_form=("direct", "shared"),
                rl_data=("users", "prefixes"), match_reward=("prefix", "level", "exact"),
-               rank_negs_from=("direct", "popular", "random"), trace_decode=("beam", "greedy", "split"),
+               rank_negs_from=("direct", "popular", "random"), rl_credit=("sequence", "causal"), trace_decode=("beam", "greedy", "split"),
                merge=("max", "lse"), skip_history=("auto", "on", "off"))  # flag -> its allowed values
 MAX_ENCODER_TOKENS = 1024  # --max-len x (--levels + 1) cap: encoder attention memory grows with its square
 CHEAP_WIDTH = 100  # beams and ranking negatives up to this are allowed on any data; wider: at most N items
@@ -171,6 +171,7 @@ class Config:
     beta_kl: float = 0.04  # beta, weight of the k3 KL to the stage-2 reference (Spec §4b: .01-.04)
     rl_inner: int = 2  # policy updates per batch of rollouts (Spec §4b: 1-2)
     rl_temp: float = 1.0  # sampling temperature of the rollouts (Spec §4b)
+    rl_credit: str = "sequence"  # sequence: every token gets the rollout's advantage (Spec §4b [R], DeepSeekMath) | causal: the SID and EOS tokens only the advantage of the rewards they can change (format, match)
     rl_trie: bool = True  # sample the rollouts' SIDs inside the item trie (as --constrain-items decodes); the policy ratio and KL use the same renormalised distribution (ours; README: better than free rollouts on the synthetic data, 2 seeds, and on Toys, 1 seed; previous: off)
     w_format: float = 1.0  # weight of the format reward (Spec §4b.1)
     w_match: float = 1.0  # weight of the exact-match prefix reward (Spec §4b.2)
@@ -999,14 +1000,31 @@ def kl_k3(lp, ref_lp):
     return x.exp() - x - 1
 
 
+def token_advantages(rewards, w, l, T, credit="sequence"):
+    """The advantage of every output token (B, G, T) from the reward terms (B, G, 5) (order
+    REWARDS) and their weights w (5,); tokens t < l are the trace, the rest SID and EOS.
+    sequence: A = group_advantages(sum_k w_k r_k), the same for every token (Spec §4b [R]).
+    causal: trace tokens (t < l) get that A; the SID and EOS tokens get group_advantages of the
+    format and match terms only: the similarity, likelihood and ranking rewards are functions of
+    the trace alone (they score the target after it), so they are already fixed when the SID is
+    drawn. Dropping a term an action cannot change keeps the policy gradient unbiased and removes
+    its noise (the reward-to-go argument of REINFORCE)."""
+    A = group_advantages(rewards @ w)[..., None].expand(-1, -1, T)  # (B, G, T)
+    if credit == "sequence":
+        return A
+    # Reconstructed (--rl-credit causal): the recipe broadcasts one advantage to every token.
+    A_sid = group_advantages(rewards[..., :2] @ w[:2])[..., None]  # format, match: (B, G, 1)
+    return torch.where(torch.arange(T, device=A.device) < l, A, A_sid)
+
+
 def grpo_loss(lp, old_lp, ref_lp, adv, clip_eps, beta, weight):
     """Spec §4b: GRPO = PPO-clip with group-normalised advantages, minus a KL penalty.
     loss = mean_tokens [ -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta KL_k3 ],
-    rho = pi(y_t) / pi_old(y_t). lp, old_lp, ref_lp (B, G, T); adv (B, G); weight (T,)."""
-    # Reconstructed: the note names GRPO only; this is DeepSeekMath's form (sequence advantage on
-    # every token, token-mean loss, k3 KL in the loss rather than in the reward).
+    rho = pi(y_t) / pi_old(y_t). lp, old_lp, ref_lp (B, G, T); adv (B, G, T); weight (T,)."""
+    # Reconstructed: the note names GRPO only; this is DeepSeekMath's form (token-mean loss, k3 KL
+    # in the loss rather than in the reward); token_advantages gives each token its A.
     rho = (lp - old_lp).exp()
-    A = adv[..., None]  # the sequence's advantage, broadcast over its tokens
+    A = adv  # (B, G, T)
     pg = -torch.minimum(rho * A, rho.clamp(1 - clip_eps, 1 + clip_eps) * A)
     kl = kl_k3(lp, ref_lp)
     n = weight.sum() * lp.shape[0] * lp.shape[1]
@@ -1748,7 +1766,7 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
             t = target_repr(policy, target, cfg.target_repr).detach()
             rewards = stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, t, negs)
             R = rewards @ w  # (B, G) total reward sum_k w_k r_k
-            adv = group_advantages(R)  # (B, G)
+            adv = token_advantages(rewards, w, policy.l, y.shape[2], cfg.rl_credit)  # (B, G, T)
             old_lp = token_logp(tempered(teacher_forced(policy, memory, y)[0], allowed), y)  # (B, G, T) pi_old
             ref_lp = token_logp(tempered(teacher_forced(ref, ref.encode(hist), y)[0], allowed), y)
         for _ in range(cfg.rl_inner):  # ALGO LOGIC: clipped policy updates on the same rollouts

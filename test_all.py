@@ -1663,16 +1663,36 @@ def test_grpo_advantages_clipping_and_k3_kl_hand_computed():
     # rho = 0.5 with A = -1 (clipped to 0.8 -> +0.8); the mean over tokens is (-1.2 + 0.8) / 2
     lp2 = torch.log(torch.tensor([[[0.3], [0.2]]])).requires_grad_()  # (B=1, G=2, T=1)
     old2 = torch.log(torch.tensor([[[0.2], [0.4]]]))
-    loss2, st2 = sr.grpo_loss(lp2, old2, old2, torch.tensor([[1.0, -1.0]]), 0.2, 0.0, torch.ones(1))
+    loss2, st2 = sr.grpo_loss(lp2, old2, old2, torch.tensor([[[1.0], [-1.0]]]), 0.2, 0.0, torch.ones(1))
     assert loss2.item() == pytest.approx((-1.2 + 0.8) / 2, rel=1e-6)
     assert st2["clip_frac"] == 1.0
     loss2.backward()
     assert lp2.grad.abs().max().item() == 0.0  # both tokens clipped: no gradient
     beta = 0.1  # the KL term: lp = ref -> 0; lp != ref -> the k3 value
     loss3, st3 = sr.grpo_loss(old2, old2, torch.log(torch.tensor([[[0.1], [0.4]]])),
-                              torch.zeros(1, 2), 0.2, beta, torch.ones(1))
+                              torch.zeros(1, 2, 1), 0.2, beta, torch.ones(1))
     k3 = 0.5 - math.log(0.5) - 1  # ref/pi = 0.5 on the first token
     assert loss3.item() == pytest.approx(beta * k3 / 2, rel=1e-5) and st3["kl"] == pytest.approx(k3 / 2, rel=1e-5)
+
+
+def test_token_advantages_sequence_and_causal_credit_hand_computed():
+    # one history, G = 2 rollouts, l = 2 trace tokens + M = 2 SID tokens + EOS (T = 5)
+    # reward terms (format, match, sim, lik, rank), weights w = (1, 1, 0.5, 0.5, 1)
+    rewards = torch.tensor([[[0.0, 1.0, 0.0, 0.0, 0.0],  # a hit after a poor trace
+                             [0.0, 0.0, 1.0, 1.0, 1.0]]])  # a miss after a good trace
+    w = torch.tensor([1.0, 1.0, 0.5, 0.5, 1.0])
+    s = 1 / math.sqrt(2)  # group_advantages of two values: +-(half the gap) / (gap / sqrt 2)
+    seq = sr.token_advantages(rewards, w, 2, 5, "sequence")  # R = (1, 2): -s, +s on every token
+    assert seq.shape == (1, 2, 5)
+    assert seq[0].flatten().tolist() == pytest.approx([-s] * 5 + [s] * 5, rel=1e-5)
+    causal = sr.token_advantages(rewards, w, 2, 5, "causal")
+    assert causal[0, :, :2].flatten().tolist() == pytest.approx([-s] * 2 + [s] * 2, rel=1e-5)  # trace: all terms
+    assert causal[0, :, 2:].flatten().tolist() == pytest.approx([s] * 3 + [-s] * 3, rel=1e-5)  # SID, EOS: format + match
+    # the trace-only terms (sim, lik, rank) never reach the SID tokens under causal credit
+    other = rewards.clone()
+    other[..., 2:] = torch.tensor([[[5.0, -3.0, 2.0], [0.0, 0.0, 0.0]]])
+    assert torch.equal(sr.token_advantages(other, w, 2, 5, "causal")[..., 2:], causal[..., 2:])
+    assert not torch.equal(sr.token_advantages(other, w, 2, 5, "causal")[..., :2], causal[..., :2])
 
 
 def test_stage3_rewards_format_match_similarity():
@@ -2418,7 +2438,7 @@ def test_a_checkpoint_of_another_version_is_one_line(tiny_run):
     ["--annot-keep", "gain", "--annot-every", "1", "--epochs", "2", "--match-reward", "level",
      "--rank-negs-from", "popular", "--merge", "lse", "--trace-decode", "greedy"],
     ["--self-trace-frac", "1", "--match-reward", "exact", "--target-repr", "sid", "--trace-topk", "1",
-     "--no-rl-trie"],
+     "--no-rl-trie", "--rl-credit", "causal"],
 ])
 def test_every_stage2_and_stage3_option_runs(tiny_run, flags):
     root, _ = tiny_run
