@@ -171,6 +171,7 @@ class Config:
     beta_kl: float = 0.04  # beta, weight of the k3 KL to the stage-2 reference (Spec §4b: .01-.04)
     rl_inner: int = 2  # policy updates per batch of rollouts (Spec §4b: 1-2)
     rl_temp: float = 1.0  # sampling temperature of the rollouts (Spec §4b)
+    rl_select_start: bool = True  # validate the stage-2 weights as "epoch 0" and keep them if no RL epoch beats them on valid (ours; previous: off)
     rl_credit: str = "sequence"  # sequence: every token gets the rollout's advantage (Spec §4b [R], DeepSeekMath) | causal: the SID and EOS tokens only the advantage of the rewards they can change (format, match)
     rl_trie: bool = True  # sample the rollouts' SIDs inside the item trie (as --constrain-items decodes); the policy ratio and KL use the same renormalised distribution (ours; README: better than free rollouts on the synthetic data, 2 seeds, and on Toys, 1 seed; previous: off)
     w_format: float = 1.0  # weight of the format reward (Spec §4b.1)
@@ -1101,7 +1102,8 @@ def load_stage(cfg, key, sids, device, needed_by):
 RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benchmark",
             "benchmark_steps", "stages", "eval_batch", "overwrite", "estimate"}
 # What a checkpoint written before a flag existed ran with (its value then, not today's default).
-OLDER = {"constrain_items": False, "skip_history": "off", "trace_beams": 4, "rl_trie": False}
+OLDER = {"constrain_items": False, "skip_history": "off", "trace_beams": 4, "rl_trie": False,
+         "rl_select_start": False, "rl_credit": "sequence"}
 DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "merge"}  # decoding only: the stored stage-2 traces do not depend on them
 
 
@@ -1129,10 +1131,12 @@ def last_path(cfg, key):
 
 
 def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_examples, bench_steps=0,
-        opt=None, rngs=(), batches=None, diag=None):
+        opt=None, rngs=(), batches=None, diag=None, select_start=False):
     """Run `step(epoch, hist, target, *rest) -> {term: value}` over shuffled batches (default:
     (prefix -> next item) examples; `batches(generator)` yields other tuples); validate every
     epoch (plus `diag(model) -> {name: value}`, logged), keep the best checkpoint, test it once.
+    select_start: the starting weights are validated too ("epoch 0", result `start_valid`) and
+    kept when no epoch beats them.
 
     After every epoch out/<key>_last.pt holds what a --resume needs to continue the stage exactly
     as if it had not stopped: weights, optimiser `opt`, the random streams (data order, `rngs` of
@@ -1140,7 +1144,7 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
     Ctrl-C: a KeyboardInterrupt whose text says which epoch that file holds."""
     gen = torch.Generator().manual_seed(stage_seed(cfg, key))  # this stage's data order
     best, best_state, best_epoch, bad, history, t_stage, speeds = None, None, 0, 0, [], time.time(), []
-    start, stopped = 1, False
+    start, stopped, start_valid = 1, False, None
     if cfg.resume and os.path.exists(last_path(cfg, key)) and not bench_steps:
         ck = load_file(last_path(cfg, key), ("model", "optimizer", "rngs", "rng", "config", "epoch", "fit"))
         diff = changed_settings(cfg, ck["config"], key)
@@ -1155,10 +1159,15 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
         torch.set_rng_state(ck["rng"])
         best, best_state, best_epoch, bad, history, speeds, stopped = (ck["fit"][k] for k in (
             "best", "best_state", "best_epoch", "bad", "history", "speeds", "stopped"))
+        start_valid = ck["fit"].get("start_valid")
         start = ck["epoch"] + 1
         print(f"{key}: resumed from {last_path(cfg, key)} after epoch {ck['epoch']}")
     done_epoch, epoch = start - 1, start
     try:
+        if select_start and start == 1 and not bench_steps:  # epoch 0: the weights the stage starts from
+            best = start_valid = evaluate_split(cfg, model, ds.valid, cfg.beam_valid, device)
+            best_state = copy.deepcopy(model.state_dict())
+            print(f"{key} ep 0/{epochs} | the starting weights | valid {fmt_metrics(start_valid)}")
         for epoch in range(start, epochs + 1):
             if stopped:
                 break
@@ -1201,7 +1210,8 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
             save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=dataclasses.asdict(cfg),
                              rngs=[g.get_state() for g in [gen, *rngs]], rng=torch.get_rng_state(), epoch=epoch,
                              fit=dict(best=best, best_state=best_state, best_epoch=best_epoch, bad=bad,
-                                      history=history, speeds=speeds, stopped=stopped)), last_path(cfg, key))
+                                      history=history, speeds=speeds, stopped=stopped,
+                                      start_valid=start_valid)), last_path(cfg, key))
             done_epoch = epoch
             if stopped:
                 print(f"{key}: no better valid {cfg.select} for {bad} epochs, stopping")
@@ -1213,10 +1223,13 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
         raise KeyboardInterrupt(f"in {where}; {held}") from None
     result = dict(valid=best, test=test, best_epoch=best_epoch, epochs_run=len(history),
                   train_examples_per_s=round(sum(speeds) / len(speeds), 1),
-                  wall_s=round(time.time() - t_stage, 1), history=history)
+                  wall_s=round(time.time() - t_stage, 1), history=history) | \
+        ({"start_valid": start_valid} if start_valid is not None else {})
     save_stage(cfg, key, model, sids, best_epoch, best, done=True, result=result)
     if os.path.exists(last_path(cfg, key)):  # the finished checkpoint supersedes it
         os.remove(last_path(cfg, key))
+    if start_valid is not None and best_epoch == 0:
+        print(f"{key}: no epoch beat the starting weights on valid {cfg.select}; they are kept (epoch 0)")
     print(f"{key} TEST (epoch {best_epoch}) | {fmt_metrics(test)} | {result['wall_s']:.0f} s")
     return result
 
@@ -1787,8 +1800,12 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
     batches = (lambda g: user_batches(ds.train, cfg.max_len, cfg.rl_batch, device, g)) \
         if cfg.rl_data == "users" else None
     diag = (lambda m: trace_diagnostics(cfg, m, direct, ds.valid, device)) if direct is not None else None
+    # Reconstructed (Spec §4b [R]: "select by validation NDCG@10"): with --rl-select-start the
+    # stage-2 weights RL starts from are a candidate too, so stage 3 never ends below stage 2 on
+    # validation; the README reports the RL epochs beside it.
     return fit(cfg, "stage3", policy, step, ds, sids, device, cfg.rl_batch, cfg.rl_epochs,
-               cfg.rl_max_examples, bench_steps, opt=opt, rngs=[gen], batches=batches, diag=diag)
+               cfg.rl_max_examples, bench_steps, opt=opt, rngs=[gen], batches=batches, diag=diag,
+               select_start=cfg.rl_select_start)
 
 
 # -----------------------------------------------------------------------------
@@ -1985,8 +2002,11 @@ def estimate_time(cfg, ds, sids, device, keys):
         rate = STAGE_FNS[key](cfg, ds, sids, device, 2)["examples_per_s"]
         l = 0 if key == "base" else cfg.trace_len
         epochs, ex = (cfg.rl_epochs, min(cfg.rl_max_examples or users, users) if cfg.rl_data == "users"
-                      else min(cfg.rl_max_examples or n, n)) if key == "stage3" else             (cfg.epochs, min(cfg.max_examples or n, n))
-        sec = epochs * (ex / rate + len(ds.valid) * per_case[l]) +             len(ds.test) * per_case[l] * cfg.beam_test / cfg.beam_valid
+                      else min(cfg.rl_max_examples or n, n)) if key == "stage3" else \
+            (cfg.epochs, min(cfg.max_examples or n, n))
+        evals = epochs + (key == "stage3" and cfg.rl_select_start)  # + the epoch-0 validation
+        sec = epochs * ex / rate + evals * len(ds.valid) * per_case[l] + \
+            len(ds.test) * per_case[l] * cfg.beam_test / cfg.beam_valid
         if key == "stage2" and cfg.annotate == "offline":
             rounds = 1 + ((cfg.epochs - 1) // cfg.annot_every if cfg.annot_every else 0)
             sec += rounds * annot_s * (n + 2 * cfg.annot_epochs * min(cfg.max_examples or n, n))

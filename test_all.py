@@ -2430,6 +2430,28 @@ def test_a_checkpoint_of_another_version_is_one_line(tiny_run):
     assert one_line_error(e, "stage2.pt holds weights of another version", "--stages 2 --overwrite")
 
 
+def test_stage3_keeps_the_stage2_weights_when_no_rl_epoch_beats_them(tiny_run, monkeypatch, capsys):
+    root, res = tiny_run
+    real, seen = sr.evaluate_split, []
+
+    def rl_looks_worse(cfg, model, split, beam, device):  # every validation after the first: worse
+        m = real(cfg, model, split, beam, device)
+        seen.append(split)
+        return m | {"ndcg@10": -1.0} if split is seen[0] and len(seen) > 1 else m
+
+    monkeypatch.setattr(sr, "evaluate_split", rl_looks_worse)
+    shutil.copytree(root / "a", root / "keep")
+    kept = sr.main(tiny_args(root / "keep", "--stages", "3", "--overwrite"))["stage3"]
+    assert kept["best_epoch"] == 0 and kept["valid"] == kept["start_valid"] and kept["epochs_run"] == 1
+    assert kept["test"] == res["stage2"]["test"]  # the stage-2 weights, tested as stage 3
+    a, b = (torch.load(root / "keep" / f"{k}.pt", weights_only=True)["model"] for k in ("stage2", "stage3"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "no epoch beat the starting weights" in capsys.readouterr().out
+    seen.clear()  # without the epoch-0 candidate the RL epoch is kept, however it validates
+    rl = sr.main(tiny_args(root / "keep", "--stages", "3", "--overwrite", "--no-rl-select-start"))["stage3"]
+    assert rl["best_epoch"] == 1 and "start_valid" not in rl
+
+
 @pytest.mark.parametrize("flags", [
     # the previous reconstruction, kept behind flags for the README comparison
     ["--annotate", "online", "--target-repr", "sid", "--trace-topk", "0", "--self-trace-frac", "0",
