@@ -142,6 +142,8 @@ class Config:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     patience: int = 3  # early stop after this many epochs without a better valid metric; 0 = off
     select: str = "ndcg@10"  # validation metric that selects checkpoints (Spec §3.3: NDCG@10)
+    # stages 1-2 (the base does not read it)
+    rl_holdout: bool = False  # stages 1 and 2 train without each user's last training item, the target stage 3 reinforces, so RL sees targets the SFT never fitted (ours; README "Stage-3 screens")
     # stage 2: annotation + SFT (Spec §4)
     sft_lr: float = 5e-4  # AdamW learning rate of stage 2 (Spec §4.3 [R]: 2e-4..1e-3)
     annotate: str = "offline"  # offline: fit MLP_r/MLP_s on the frozen stage-1 model, label every training prefix once, fine-tune on the stored traces (Spec §4.2 alt.) | online: every batch labelled by the weights being trained (previous reconstruction)
@@ -1108,13 +1110,15 @@ DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "m
 
 
 def stage_fields():
-    """The Config fields only stage 2 reads (sft_lr .. dpo_form) and only stage 3 reads (rl_epochs ..
-    rank_negs_from, in Config's order), saved as results.json's "stage_fields": neither a --resume
+    """The Config fields stages 1-2 read and the base does not (rl_holdout), those only stage 2 reads
+    (sft_lr .. dpo_form) and only stage 3 reads (rl_epochs .. rank_negs_from, in Config's order),
+    saved as results.json's "stage_fields": neither a --resume
     nor `data.py --report` compares an earlier stage on a later stage's fields (the base does
     not depend on the RL settings)."""
     names = [f.name for f in dataclasses.fields(Config)]
     span = lambda a, b: names[names.index(a):names.index(b) + 1]  # noqa: E731
-    return {"stage2": span("sft_lr", "dpo_form"), "stage3": span("rl_epochs", "rank_negs_from")}
+    return {"stage1": span("rl_holdout", "rl_holdout"), "stage2": span("sft_lr", "dpo_form"),
+            "stage3": span("rl_epochs", "rank_negs_from")}
 
 
 def changed_settings(cfg, saved, key=None):
@@ -1167,6 +1171,7 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
         if select_start and start == 1 and not bench_steps:  # epoch 0: the weights the stage starts from
             best = start_valid = evaluate_split(cfg, model, ds.valid, cfg.beam_valid, device)
             best_state = copy.deepcopy(model.state_dict())
+            save_stage(cfg, key, model, sids, 0, best, done=False)  # this run's, as every new best
             print(f"{key} ep 0/{epochs} | the starting weights | valid {fmt_metrics(start_valid)}")
         for epoch in range(start, epochs + 1):
             if stopped:
@@ -1917,6 +1922,18 @@ def fmt_metrics(m):
 STAGE_FNS = {"base": train_base, "stage1": stage1_pretrain, "stage2": stage2_sft, "stage3": stage3_rl}
 
 
+def stage_data(cfg, ds, key):
+    """The data a stage trains on: --rl-holdout drops each user's last training item from stages 1
+    and 2 (as a target; it is the last, so no history holds it). Rows keep their place in
+    ds.train.items, so the stored traces' positions name the same examples."""
+    # Reconstructed (--rl-holdout): stage 3's targets are the users' last training items; without
+    # the holdout stage 2 has already fitted them, and reinforcing them overfits (README).
+    if not cfg.rl_holdout or key not in ("stage1", "stage2"):
+        return ds
+    t = ds.train
+    return dataclasses.replace(ds, train=dataclasses.replace(t, ends=np.maximum(t.ends - 1, t.starts)))
+
+
 def benchmark(cfg, ds, sids, device, keys):
     """Time each stage's training steps and a full beam-search pass over the test users."""
     out = dict(semantic_ids_s=sids["report"]["build_s"], train_examples_per_s={}, decode_s={})
@@ -2087,7 +2104,7 @@ def main(argv=None) -> dict:
                           f"from the previous {key}; rerun --stages {later.replace('stage', '')} --overwrite")
             set_seed(stage_seed(cfg, key))  # dropout etc.: same numbers whether run alone or not
             phase = f"while {key} was starting"
-            res[key] = STAGE_FNS[key](cfg, ds, sids, device)
+            res[key] = STAGE_FNS[key](cfg, stage_data(cfg, ds, key), sids, device)
             finished.append(key)
             save_atomic(res, path)
         save_atomic(res, path)

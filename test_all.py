@@ -2068,8 +2068,8 @@ def test_ctrl_c_exits_130_and_resume_continues_the_stage_from_its_last_epoch(tin
         shutil.copytree(root / "a", root / f"{stage}_{name}")
     straight = sr.main(tiny_args(root / f"{stage}_straight", *flags))
     out = root / f"{stage}_stopped"
-    with monkeypatch.context() as m:  # Ctrl-C during epoch 2's validation
-        m.setattr(sr, "evaluate_split", interrupt_on_call(2, sr.evaluate_split))
+    with monkeypatch.context() as m:  # Ctrl-C during epoch 2's validation (stage 3 validates an epoch 0 first)
+        m.setattr(sr, "evaluate_split", interrupt_on_call(2 + (stage == "stage3"), sr.evaluate_split))
         with pytest.raises(SystemExit) as e:
             sr.main(tiny_args(out, *flags))
     err = capsys.readouterr().err.strip().splitlines()
@@ -2430,6 +2430,21 @@ def test_a_checkpoint_of_another_version_is_one_line(tiny_run):
     assert one_line_error(e, "stage2.pt holds weights of another version", "--stages 2 --overwrite")
 
 
+def test_rl_holdout_drops_each_users_last_training_target_from_stages_1_and_2():
+    ds = data.load_dataset("synthetic", verbose=False)
+    pairs = lambda d: {int(p) for _, _, pos in data.train_batches(d.train, 5, 512, pairs=True, positions=True)
+                       for p in pos}  # noqa: E731  (positions of the targets in train.items)
+    full, cfg = pairs(ds), sr.Config(rl_holdout=True)
+    last = {int(e) - 1 for s, e in zip(ds.train.starts, ds.train.ends) if e - s >= 2}
+    assert pairs(sr.stage_data(cfg, ds, "stage2")) == full - last == pairs(sr.stage_data(cfg, ds, "stage1"))
+    assert len(last) > 100 and last <= full
+    for key in ("base", "stage3"):  # the base and stage 3 see every training item
+        assert sr.stage_data(cfg, ds, key) is ds
+    assert sr.stage_data(sr.Config(), ds, "stage2") is ds
+    _, targets = next(sr.user_batches(ds.train, 5, 10**6, "cpu", torch.Generator().manual_seed(0)))
+    assert sorted(targets.tolist()) == sorted(int(ds.train.items[p]) for p in last)  # stage 3's targets
+
+
 def test_stage3_keeps_the_stage2_weights_when_no_rl_epoch_beats_them(tiny_run, monkeypatch, capsys):
     root, res = tiny_run
     real, seen = sr.evaluate_split, []
@@ -2460,7 +2475,7 @@ def test_stage3_keeps_the_stage2_weights_when_no_rl_epoch_beats_them(tiny_run, m
     ["--annot-keep", "gain", "--annot-every", "1", "--epochs", "2", "--match-reward", "level",
      "--rank-negs-from", "popular", "--merge", "lse", "--trace-decode", "greedy"],
     ["--self-trace-frac", "1", "--match-reward", "exact", "--target-repr", "sid", "--trace-topk", "1",
-     "--no-rl-trie", "--rl-credit", "causal"],
+     "--no-rl-trie", "--rl-credit", "causal", "--rl-holdout"],
 ])
 def test_every_stage2_and_stage3_option_runs(tiny_run, flags):
     root, _ = tiny_run
