@@ -1358,7 +1358,9 @@ def plot(dirs, out="figures", metric="ndcg@20"):
                 ax.plot([r["K"] for r in rs], [r["stats"][metric][0] for r in rs], marker="o", label=label(sett, name))
             if base:
                 ax.axhline(base[0]["stats"][metric][0], color="grey", ls="--", label="base")
-            ax.set(title=f"{ds}: test {metric} vs K (ReaRec Fig. 5)", xlabel="reasoning steps K")
+            ax.set_xticks(sorted({r["K"] for rs in sweeps.values() for r in rs}))  # K is an integer
+            ax.set_title(f"{ds}\ntest {metric} vs K (ReaRec Fig. 5)", fontsize=9)
+            ax.set_xlabel("reasoning steps K")
             ax.legend(fontsize=6)
             save(fig, f"ksweep_{ds}.png")
     if not written:
