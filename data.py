@@ -1112,11 +1112,16 @@ def find_results(dirs):
     return out
 
 
-def result_rows(path, res, views=False):
+def result_rows(path, res, views=False, older=None):
     """One results.json -> table rows {script, dataset, name, K, config, seed, valid, test, best_epoch}.
     rearec.py: one row per run (views=True: also one per reasoning step, the oracle and the
-    selectors); stream_rec.py: one row per finished stage (K = thinking tokens l)."""
-    cfg = res.get("config") or {}
+    selectors); stream_rec.py: one row per finished stage (K = thinking tokens l).
+    older: {"config": {field: value}, "stage_fields": {...}} from newer stream_rec results.json
+    ("older_config"): what a run whose config predates a field ran with, so it is not merged
+    with runs that set the field otherwise."""
+    older = older or {}
+    cfg = (older.get("config") or {}) | (res.get("config") or {}) if "method" not in (res.get("config") or {}) \
+        else (res.get("config") or {})
     dataset = os.path.splitext(os.path.basename(str((res.get("dataset") or {}).get("name", cfg.get("dataset", "?")))))[0]
     used = {k: v for k, v in cfg.items() if k not in set(res.get("unused_config", ()))}  # what the method reads
     common = dict(dataset=dataset, config=used, all_config=cfg, seed=cfg.get("seed"), path=path,
@@ -1138,7 +1143,9 @@ def result_rows(path, res, views=False):
         order = ("base", "stage1", "stage2", "stage3")
         for i, stage in enumerate(order):
             if isinstance(res.get(stage), dict) and "test" in res[stage]:
-                later = {k for s in order[i + 1:] for k in (res.get("stage_fields") or {}).get(s, ())}  # read after this stage
+                fields = older.get("stage_fields") or {}  # every version's "read only by stage X" lists
+                later = {k for s in order[i + 1:] for k in {*(res.get("stage_fields") or {}).get(s, ()),
+                                                              *fields.get(s, ())}}  # read after this stage
                 rows.append(dict(common, script="stream_rec", name=stage,
                                  config={k: v for k, v in used.items() if k not in later},
                                  K=0 if stage == "base" else cfg.get("trace_len", 0),
@@ -1163,7 +1170,12 @@ def report(dirs, split="test", metrics=REPORT_METRICS, views=False):
     dataset) whose config differs from the row's in the fewest fields (stream_rec: its run's base
     stage); no bracket when two base rows match equally well.
     """
-    rows = [r for p, res in find_results(dirs) for r in result_rows(p, res, views)]
+    results, older = find_results(dirs), {"config": {}, "stage_fields": {}}
+    for _, res in results:  # stream_rec.py: what runs that predate a field ran with
+        older["config"].update(res.get("older_config") or {})
+        for stage, names in (res.get("stage_fields") or {}).items():
+            older["stage_fields"][stage] = sorted({*older["stage_fields"].get(stage, ()), *names})
+    rows = [r for p, res in results for r in result_rows(p, res, views, older)]
     if not rows:
         raise DataError(f"--report: no finished runs in the results.json under {', '.join(dirs)}")
     # settings: the fields that differ between the runs of one script and dataset, each shown for

@@ -1105,7 +1105,7 @@ RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benc
             "benchmark_steps", "stages", "eval_batch", "overwrite", "estimate"}
 # What a checkpoint written before a flag existed ran with (its value then, not today's default).
 OLDER = {"constrain_items": False, "skip_history": "off", "trace_beams": 4, "rl_trie": False,
-         "rl_select_start": False, "rl_credit": "sequence"}
+         "rl_select_start": False, "rl_credit": "sequence", "rl_holdout": False}
 DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "merge"}  # decoding only: the stored stage-2 traces do not depend on them
 
 
@@ -2077,7 +2077,7 @@ def main(argv=None) -> dict:
             estimate_time(cfg, ds, sids, device, keys)
         path = os.path.join(cfg.out, "results.json")
         old = load_file(path) if os.path.exists(path) else {}  # stages not rerun keep their entries
-        res = dict(config=dataclasses.asdict(cfg), stage_fields=stage_fields(), dataset=ds.stats,
+        res = dict(config=dataclasses.asdict(cfg), stage_fields=stage_fields(), older_config=OLDER, dataset=ds.stats,
                    device=str(device), torch=torch.__version__, semantic_ids=sids["report"])
         res.update({k: old[k] for k in STAGES.values() if k in old})
         order = list(STAGES.values())

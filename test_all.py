@@ -596,6 +596,19 @@ def test_report_mean_std_seeds_and_change_against_base(tmp_path, capsys):
     got = sorted((r["name"], r["settings"], r["n"]) for r in rows2)
     assert got == [("base", (), 2), ("stage2", (), 2), ("stage3", (("rl_trie", False),), 1),
                    ("stage3", (("rl_trie", True),), 1)]
+    # a run whose config predates a field (rl_holdout) reads as what it ran with (older_config of a
+    # newer run), so it is not merged with a run that set the field; the base rows stay one row
+    for seed, extra in enumerate([{}, {"rl_holdout": True}]):
+        run = {"config": {"dataset": "syn3", "trace_len": 4, "seed": seed, **extra},
+               "dataset": {"name": "syn3"}} | ({"stage_fields": sr.stage_fields(), "older_config": sr.OLDER}
+                                               if extra else {})  # the first: an older results.json
+        for stage in ("base", "stage2"):
+            run[stage] = {"valid": {"ndcg@10": 0.3}, "test": {"ndcg@10": 0.3 + 0.1 * seed}, "best_epoch": 1}
+        (tmp_path / f"stream3_{seed}").mkdir()
+        (tmp_path / f"stream3_{seed}" / "results.json").write_text(json.dumps(run))
+    rows3 = [r for r in data.report([str(tmp_path)])[1] if r["dataset"] == "syn3"]
+    assert sorted((r["name"], r["settings"], r["n"]) for r in rows3) == [
+        ("base", (), 2), ("stage2", (("rl_holdout", False),), 1), ("stage2", (("rl_holdout", True),), 1)]
     data.main(["--report", str(tmp_path), "--report-split", "valid", "--views"])
     out = capsys.readouterr().out
     assert "prl (r_0)" in out and "prl (oracle)" in out and "valid ndcg@10" in out
