@@ -90,8 +90,9 @@ STAGES = {"base": "base", "1": "stage1", "2": "stage2", "3": "stage3"}  # flag v
 CHOICES = dict(features=("auto", "attr", "attr+cooc", "text", "cooc"), annotate=("offline", "online"),
                target_repr=("feature", "sid"), annot_keep=("all", "gain"), dpo_form=("direct", "shared"),
                rl_data=("users", "prefixes"), match_reward=("prefix", "level", "exact"),
-               rank_negs_from=("direct", "popular", "random"), rl_credit=("sequence", "causal"), trace_decode=("beam", "greedy", "split"),
-               merge=("max", "lse"), skip_history=("auto", "on", "off"))  # flag -> its allowed values
+               rank_negs_from=("direct", "popular", "random"), rl_credit=("sequence", "causal"),
+               trace_decode=("beam", "greedy", "split"), merge=("max", "lse"),
+               skip_history=("auto", "on", "off"))  # flag -> its allowed values
 MAX_ENCODER_TOKENS = 1024  # --max-len x (--levels + 1) cap: encoder attention memory grows with its square
 CHEAP_WIDTH = 100  # beams and ranking negatives up to this are allowed on any data; wider: at most N items
 
@@ -2077,8 +2078,8 @@ def main(argv=None) -> dict:
             estimate_time(cfg, ds, sids, device, keys)
         path = os.path.join(cfg.out, "results.json")
         old = load_file(path) if os.path.exists(path) else {}  # stages not rerun keep their entries
-        res = dict(config=dataclasses.asdict(cfg), stage_fields=stage_fields(), older_config=OLDER, dataset=ds.stats,
-                   device=str(device), torch=torch.__version__, semantic_ids=sids["report"])
+        res = dict(config=dataclasses.asdict(cfg), stage_fields=stage_fields(), older_config=OLDER,
+                   dataset=ds.stats, device=str(device), torch=torch.__version__, semantic_ids=sids["report"])
         res.update({k: old[k] for k in STAGES.values() if k in old})
         order = list(STAGES.values())
         for key in keys:
