@@ -1746,13 +1746,17 @@ def test_checkpoints_older_than_a_flag_read_as_what_they_ran_with():
     today's default: equal when this run asks for that behaviour, a difference otherwise."""
     old = sr.Config(**sr.OLDER)
     saved = {k: v for k, v in dataclasses.asdict(old).items() if k not in sr.OLDER}
-    assert set(sr.OLDER) == {"constrain_items", "skip_history", "trace_beams", "rl_trie"}
+    assert set(sr.OLDER) == {"constrain_items", "skip_history", "trace_beams", "rl_trie", "rl_select_start",
+                             "rl_credit", "rl_holdout"}
     assert sr.changed_settings(old, saved) == []
     # a stage's checkpoint is compared on what that stage and the earlier ones read
     now, before = sr.Config(rl_lr=1e-4, sft_lr=1e-3), dataclasses.asdict(sr.Config())
     assert [sr.changed_settings(now, before, k) for k in ("base", "stage1", "stage2", "stage3")] == \
         [[], [], ["sft_lr"], ["rl_lr", "sft_lr"]]
     assert sr.changed_settings(now, before) == ["rl_lr", "sft_lr"]
+    held = sr.Config(rl_holdout=True)  # read by stages 1-2, not by the base
+    assert [sr.changed_settings(held, before, k) for k in ("base", "stage1", "stage3")] == \
+        [[], ["rl_holdout"], ["rl_holdout"]]
     assert sr.changed_settings(sr.Config(rl_trie=True, **{k: v for k, v in sr.OLDER.items() if k != "rl_trie"}),
                                saved) == ["rl_trie"]
 
