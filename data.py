@@ -1112,6 +1112,18 @@ def find_results(dirs):
     return out
 
 
+def curve_histories(res):
+    """The per-epoch histories of one results.json as [(name, [{"epoch", term..., "valid_<metric>"...}])]:
+    rearec.py's run as it is, one per stream_rec.py stage with its nested {"train": {...},
+    "valid": {...}} epochs flattened."""
+    if "method" in (res.get("config") or {}):
+        hist = [(res["config"]["method"], res.get("history"))]
+    else:
+        hist = [(s, res[s].get("history")) for s in ("base", "stage1", "stage2", "stage3") if isinstance(res.get(s), dict)]
+    return [(name, [{"epoch": e["epoch"], **e["train"], **{f"valid_{k}": v for k, v in e["valid"].items()}}
+                    if isinstance(e.get("train"), dict) else e for e in h]) for name, h in hist if h]
+
+
 def result_rows(path, res, views=False, older=None):
     """One results.json -> table rows {script, dataset, name, K, config, seed, valid, test, best_epoch}.
     rearec.py: one row per run (views=True: also one per reasoning step, the oracle and the
@@ -1279,27 +1291,27 @@ def plot(dirs, out="figures", metric="ndcg@20"):
     for ds in datasets:
         runs = [(p, res) for p, res in results if result_rows(p, res) and result_rows(p, res)[0]["dataset"] == ds]
         # 1. training curves (runs with a per-epoch history: rearec.py, stream_rec.py stages)
-        curves = []
-        for p, res in runs:
-            hist = [(res.get("config", {}).get("method", "run"), res.get("history"))]
-            if "method" not in res.get("config", {}):
-                hist = [(s, res[s].get("history")) for s in ("base", "stage1", "stage2", "stage3") if isinstance(res.get(s), dict)]
-            for name, h in hist:
-                if h:
-                    curves.append((f"{name} {os.path.basename(os.path.dirname(p))}", h))
+        curves = [(f"{name} {os.path.basename(os.path.dirname(p))}", h) for p, res in runs
+                  for name, h in curve_histories(res)]
         if curves:
             terms = sorted({k for _, h in curves for e in h for k in e
                             if not k.startswith("valid") and k not in ("epoch", "train_seconds", "eval_seconds", "wall_s")
                             and isinstance(e[k], (int, float))})
-            fig, axes = plt.subplots(1, 1 + len(terms), figsize=(4 * (1 + len(terms)), 3.2), squeeze=False)
-            for name, h in curves:
+            cols = min(1 + len(terms), 6)  # STREAM-Rec logs ~20 terms: a grid of at most 6 columns
+            nrows = -(-(1 + len(terms)) // cols)
+            fig, grid = plt.subplots(nrows, cols, figsize=(4 * cols, 3.2 * nrows), squeeze=False)
+            axes = grid.reshape(1, -1)  # (1, nrows * cols): the metric first, then one panel per term
+            for ax in axes[0, 1 + len(terms):]:
+                ax.axis("off")
+            for c, (name, h) in enumerate(curves):
+                color = f"C{c % 10}"  # one colour per run in every panel, as in the legend
                 ep = [e.get("epoch", i + 1) for i, e in enumerate(h)]
                 key = f"valid_{metric}" if f"valid_{metric}" in h[0] else next((k for k in h[0] if k.startswith("valid")), None)
                 if key:
-                    axes[0, 0].plot(ep, [e.get(key) for e in h], label=name, lw=1)
+                    axes[0, 0].plot(ep, [e.get(key) for e in h], label=name, lw=1, color=color)
                 for ax, t in zip(axes[0, 1:], terms):
                     if any(t in e for e in h):
-                        ax.plot([x for x, e in zip(ep, h) if t in e], [e[t] for e in h if t in e], lw=1)
+                        ax.plot([x for x, e in zip(ep, h) if t in e], [e[t] for e in h if t in e], lw=1, color=color)
             axes[0, 0].set(title=f"{ds}: valid {metric}", xlabel="epoch")
             for ax, t in zip(axes[0, 1:], terms):
                 ax.set(title=f"train {t}", xlabel="epoch")

@@ -642,6 +642,18 @@ def test_plot_command_writes_the_figures(tmp_path):
     assert not list((tmp_path / "fig").glob("*.tmp*"))
 
 
+def test_curve_histories_flatten_stream_rec_stages():
+    epoch = lambda i: {"epoch": i, "train": {"loss": 2.0 / i, "ce": 1.0}, "valid": {"ndcg@10": 0.1 * i},  # noqa: E731
+                       "examples": 8, "s": 1.0}
+    res = {"config": {"dataset": "syn"}, "base": {"history": [epoch(1), epoch(2)]}, "stage2": {"history": [epoch(1)]},
+           "stage3": {"test": {}}}  # no history: no curve
+    got = data.curve_histories(res)
+    assert [name for name, _ in got] == ["base", "stage2"]
+    assert got[0][1][1] == {"epoch": 2, "loss": 1.0, "ce": 1.0, "valid_ndcg@10": 0.2}
+    rearec = {"config": {"method": "prl"}, "history": [{"epoch": 1, "loss": 3.0, "valid_ndcg@20": 0.1}]}
+    assert data.curve_histories(rearec) == [("prl", rearec["history"])]  # already flat
+
+
 def test_plot_without_matplotlib_is_one_clear_line(tmp_path, monkeypatch):
     plot_fixture(tmp_path / "runs")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
