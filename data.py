@@ -1250,7 +1250,7 @@ def report(dirs, split="test", metrics=REPORT_METRICS, views=False):
         name = r["name"][:-1] + f": {', '.join(r['chosen'])})" if r["chosen"] else r["name"]  # per seed
         lines.append("| " + " | ".join([r["script"], r["dataset"], name + (" (interrupted)" if r["interrupted"] else ""),
                                         str(r["K"]), sett] + [cell(r, m) for m in metrics]
-                                       + [str(r["n"]), f"{r['best_epoch']:.0f}" if r["best_epoch"] is not None else "—"]) + " |")
+                                       + [str(r["n"]), f"{round(r['best_epoch'], 1):g}" if r["best_epoch"] is not None else "—"]) + " |")
     return "\n".join(lines), table
 
 

@@ -566,7 +566,7 @@ def test_report_mean_std_seeds_and_change_against_base(tmp_path, capsys):
     assert prl["n"] == 2 and prl["stats"]["ndcg@10"] == pytest.approx((0.24, math.sqrt(0.0008)))
     assert prl["base"] is base  # the base run closest in config: tau 1.0, not 0.5
     line = next(l for l in text.splitlines() if "| prl |" in l)
-    assert "0.2400 ± 0.0283 (+20.0 %)" in line and line.endswith("| 2 | 10 |")
+    assert "0.2400 ± 0.0283 (+20.0 %)" in line and line.endswith("| 2 | 10.5 |")  # best epochs 10 and 11: their mean
     assert "| alpha=2.0, tau=1.0 |" in line
     assert "0.4000 |" in next(l for l in text.splitlines() if "tau=0.5" in l)  # one seed: no ± part
     stage2 = rows[("stream_rec", "stage2", ())]
