@@ -601,6 +601,12 @@ class Seqs:
     def lengths(self):
         return self.ends - self.starts
 
+    def counts(self, n_items):
+        """(n_items + 1,) int64: how often each item id occurs inside the rows. Not
+        np.bincount(items): the splits share one flat array, so `items` also holds the items
+        after each training row's end (the valid and test targets)."""
+        return np.bincount(self.items[self.positions()[1]], minlength=n_items + 1)
+
     def positions(self):
         """(row, pos): for every item of every row, oldest first, its row and its index in `items`."""
         lens = self.lengths()
@@ -994,7 +1000,7 @@ def case_groups(split, train, n=4):
     sequences. Cases are sorted by the value (ties in case order) and cut into n equal-count
     blocks, so equal values may fall in neighbouring groups.
     Returns {name: ((R,) int64 group 0..n-1, [[lo, hi] value range of each group])}."""
-    pop = np.bincount(train.items, minlength=int(max(split.targets.max(), train.items.max())) + 1)
+    pop = train.counts(int(max(split.targets.max(), train.items.max())))  # training rows only
     out = {}
     for name, value in (("length", split.lengths()), ("popularity", pop[split.targets])):
         order = np.argsort(value, kind="stable")

@@ -1763,7 +1763,7 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
     gen = torch.Generator(device=device).manual_seed(stage_seed(cfg, "stage3"))
     w = torch.tensor([cfg.w_format, cfg.w_match, cfg.w_sim, cfg.w_lik, cfg.w_rank], device=device)
     weight = policy.choice.float()  # tokens with a real choice carry the policy gradient
-    pop = torch.bincount(torch.from_numpy(ds.train.items), minlength=ds.n_items + 1).float().to(device)
+    pop = torch.from_numpy(ds.train.counts(ds.n_items)).float().to(device)  # training rows only
     pop[PAD_TOK] = 0  # (N+1,) training popularity, for the popular negatives
 
     def tempered(lp, allowed=None):  # (B, G, T, V) log-probs of the distribution the rollouts are sampled from

@@ -147,7 +147,10 @@ def test_case_groups_quartiles_and_group_metrics_by_hand():
     items = np.concatenate([np.full(n, 1 + i % 3) for i, n in enumerate(lengths)])  # histories of items 1..3
     ends = np.cumsum(lengths)
     split = data.Seqs(items, ends - lengths, ends, np.arange(8), np.array([1, 2, 3, 4, 4, 4, 4, 5]))
-    train = data.Seqs(np.array([1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4]), np.array([0]), np.array([11]), np.array([0]))
+    # the splits share one flat array: the three 5s after the training row's end (its valid and
+    # test items) must not count as training popularity
+    train = data.Seqs(np.array([1, 1, 1, 1, 1, 2, 2, 2, 3, 3, 4, 5, 5, 5]), np.array([0]), np.array([11]), np.array([0]))
+    assert train.counts(5).tolist() == [0, 5, 3, 2, 1, 0]
     groups = data.case_groups(split, train)
     g, ranges = groups["length"]
     assert g.tolist() == [2, 0, 1, 0, 3, 1, 3, 2] and ranges == [[1, 2], [3, 4], [5, 6], [7, 8]]
