@@ -1234,6 +1234,8 @@ def train(cfg, model, ds, device):
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["rng"])
+        if ck.get("cuda_rng") is not None and torch.cuda.is_available():  # dropout on the GPU
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
         state = ck["state"]
         state.setdefault("step", state["epoch"] * math.ceil(len(ds.train) / cfg.batch_size))  # older checkpoints
         if state["best_epoch"] > 0:  # checked now, not after the epochs it would waste
@@ -1291,7 +1293,8 @@ def train(cfg, model, ds, device):
                                      "train_seconds": train_time, "eval_seconds": eval_time})
             save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "config": dataclasses.asdict(cfg), "state": state,
-                         "rng": torch.get_rng_state()}, last_path)
+                         "rng": torch.get_rng_state(),
+                         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, last_path)
             saved = copy.deepcopy(state)
             eta = (cfg.epochs - epoch) * (state["train_seconds"] + eval_time * epoch) / epoch
             terms_txt = " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "loss")

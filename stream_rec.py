@@ -1012,7 +1012,8 @@ def token_advantages(rewards, w, l, T, credit="sequence"):
     format and match terms only: the similarity, likelihood and ranking rewards are functions of
     the trace alone (they score the target after it), so they are already fixed when the SID is
     drawn. Dropping a term an action cannot change keeps the policy gradient unbiased and removes
-    its noise (the reward-to-go argument of REINFORCE)."""
+    its noise (the reward-to-go argument of REINFORCE; the SID tokens' own group normalisation
+    also rescales their advantage)."""
     A = group_advantages(rewards @ w)[..., None].expand(-1, -1, T)  # (B, G, T)
     if credit == "sequence":
         return A
@@ -1085,6 +1086,18 @@ def load_stage(cfg, key, sids, device, needed_by):
         asked = ", ".join(f"{k}={getattr(cfg, k, want.get(k))}" for k in diff)
         raise RunError(f"{path} has {saved}, but this run asks for {asked}; use the same flags "
                        f"or a new --out")
+    if needed_by not in ("--resume", "--eval-only"):  # a later stage starts from it
+        # results.json records one config for all its stages: a stage-1/2 setting that differs
+        # from the one this checkpoint was trained with would label its rows wrongly
+        order, fields = list(STAGES.values()), stage_fields()
+        own = {k for s in order[1:order.index(key) + 1] for k in fields.get(s, ())}
+        other = [k for k in changed_settings(cfg, ck["config"], key) if k in own]
+        if other:
+            flag = {v: k for k, v in STAGES.items()}[key]
+            saved = ", ".join(f"{k}={ck['config'].get(k, OLDER.get(k))}" for k in other)
+            asked = ", ".join(f"{k}={getattr(cfg, k)}" for k in other)
+            raise RunError(f"{path} was trained with {saved}, but this run asks for {asked}; pass "
+                           f"the same flags, or rerun it with --stages {flag} --overwrite")
     if not ck["done"] and needed_by not in ("--resume", "--eval-only"):
         flag = {v: k for k, v in STAGES.items()}[key]
         raise RunError(f"{path} holds a {key} run that did not finish (interrupted?), so "
@@ -1162,11 +1175,15 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
         for g, state in zip([gen, *rngs], ck["rngs"]):
             g.set_state(state)
         torch.set_rng_state(ck["rng"])
+        if ck.get("cuda_rng") is not None and torch.cuda.is_available():  # dropout on the GPU
+            torch.cuda.set_rng_state_all(ck["cuda_rng"])
         best, best_state, best_epoch, bad, history, speeds, stopped = (ck["fit"][k] for k in (
             "best", "best_state", "best_epoch", "bad", "history", "speeds", "stopped"))
         start_valid = ck["fit"].get("start_valid")
         start = ck["epoch"] + 1
         print(f"{key}: resumed from {last_path(cfg, key)} after epoch {ck['epoch']}")
+    elif os.path.exists(last_path(cfg, key)) and not bench_steps:  # a fresh run: an older one's
+        os.remove(last_path(cfg, key))  # last epoch must not be resumed into this run later
     done_epoch, epoch = start - 1, start
     try:
         if select_start and start == 1 and not bench_steps:  # epoch 0: the weights the stage starts from
@@ -1215,6 +1232,7 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
             # BOILERPLATE: everything a --resume needs to continue after this epoch
             save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), config=dataclasses.asdict(cfg),
                              rngs=[g.get_state() for g in [gen, *rngs]], rng=torch.get_rng_state(), epoch=epoch,
+                             cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                              fit=dict(best=best, best_state=best_state, best_epoch=best_epoch, bad=bad,
                                       history=history, speeds=speeds, stopped=stopped,
                                       start_valid=start_valid)), last_path(cfg, key))

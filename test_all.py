@@ -2477,6 +2477,32 @@ def test_rl_holdout_drops_each_users_last_training_target_from_stages_1_and_2():
     assert sorted(targets.tolist()) == sorted(int(ds.train.items[p]) for p in last)  # stage 3's targets
 
 
+def test_rl_holdout_runs_and_a_later_stage_refuses_an_earlier_one_trained_otherwise(tiny_run):
+    root, res = tiny_run
+    shutil.copytree(root / "a", root / "held")
+    with pytest.raises(SystemExit) as e:  # stage 2 would start from a stage 1 trained on every item
+        sr.main(tiny_args(root / "held", "--stages", "2,3", "--overwrite", "--rl-holdout"))
+    assert one_line_error(e, "stage1.pt was trained with rl_holdout=False", "rl_holdout=True", "--stages 1 --overwrite")
+    held = sr.main(tiny_args(root / "held", "--stages", "1,2,3", "--overwrite", "--rl-holdout"))
+    assert json.loads((root / "held" / "results.json").read_text())["config"]["rl_holdout"] is True
+    for key in ("stage1", "stage2", "stage3"):
+        assert 0 <= held[key]["test"]["recall@10"] <= 1
+    with pytest.raises(SystemExit) as e:  # and the other way round
+        sr.main(tiny_args(root / "held", "--stages", "3", "--overwrite"))
+    assert one_line_error(e, "stage2.pt was trained with rl_holdout=True", "rl_holdout=False")
+
+
+def test_a_fresh_run_removes_an_older_runs_last_epoch_file(tiny_run, monkeypatch):
+    root, _ = tiny_run
+    shutil.copytree(root / "a", root / "stale")
+    (root / "stale" / "stage3_last.pt").write_bytes(b"an interrupted older stage 3")
+    with monkeypatch.context() as m:  # this run is interrupted before it finishes any epoch
+        m.setattr(sr, "evaluate_split", interrupt_on_call(1, sr.evaluate_split))
+        with pytest.raises(SystemExit):
+            sr.main(tiny_args(root / "stale", "--stages", "3", "--overwrite"))
+    assert not (root / "stale" / "stage3_last.pt").exists()  # a later --resume cannot continue the old run
+
+
 def test_stage3_keeps_the_stage2_weights_when_no_rl_epoch_beats_them(tiny_run, monkeypatch, capsys):
     root, res = tiny_run
     real, seen = sr.evaluate_split, []
@@ -2507,7 +2533,7 @@ def test_stage3_keeps_the_stage2_weights_when_no_rl_epoch_beats_them(tiny_run, m
     ["--annot-keep", "gain", "--annot-every", "1", "--epochs", "2", "--match-reward", "level",
      "--rank-negs-from", "popular", "--merge", "lse", "--trace-decode", "greedy"],
     ["--self-trace-frac", "1", "--match-reward", "exact", "--target-repr", "sid", "--trace-topk", "1",
-     "--no-rl-trie", "--rl-credit", "causal", "--rl-holdout"],
+     "--no-rl-trie", "--rl-credit", "causal"],
 ])
 def test_every_stage2_and_stage3_option_runs(tiny_run, flags):
     root, _ = tiny_run
