@@ -1124,14 +1124,14 @@ DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "m
 
 
 def stage_fields():
-    """The Config fields stages 1-2 read and the base does not (rl_holdout), those only stage 2 reads
+    """The Config fields stages 1-3 read and the base does not (trace_len, rl_holdout), those only stage 2 reads
     (sft_lr .. dpo_form) and only stage 3 reads (rl_epochs .. rank_negs_from, in Config's order),
     saved as results.json's "stage_fields": neither a --resume
     nor `data.py --report` compares an earlier stage on a later stage's fields (the base does
     not depend on the RL settings)."""
     names = [f.name for f in dataclasses.fields(Config)]
     span = lambda a, b: names[names.index(a):names.index(b) + 1]  # noqa: E731
-    return {"stage1": span("rl_holdout", "rl_holdout"), "stage2": span("sft_lr", "dpo_form"),
+    return {"stage1": ["trace_len", *span("rl_holdout", "rl_holdout")], "stage2": span("sft_lr", "dpo_form"),
             "stage3": span("rl_epochs", "rank_negs_from")}
 
 

@@ -1769,9 +1769,9 @@ def test_checkpoints_older_than_a_flag_read_as_what_they_ran_with():
     assert [sr.changed_settings(now, before, k) for k in ("base", "stage1", "stage2", "stage3")] == \
         [[], [], ["sft_lr"], ["rl_lr", "sft_lr"]]
     assert sr.changed_settings(now, before) == ["rl_lr", "sft_lr"]
-    held = sr.Config(rl_holdout=True)  # read by stages 1-2, not by the base
+    held = sr.Config(rl_holdout=True, trace_len=6)  # read by stages 1-3, not by the base
     assert [sr.changed_settings(held, before, k) for k in ("base", "stage1", "stage3")] == \
-        [[], ["rl_holdout"], ["rl_holdout"]]
+        [[], ["rl_holdout", "trace_len"], ["rl_holdout", "trace_len"]]
     assert sr.changed_settings(sr.Config(rl_trie=True, **{k: v for k, v in sr.OLDER.items() if k != "rl_trie"}),
                                saved) == ["rl_trie"]
 
