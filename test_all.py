@@ -2361,11 +2361,13 @@ def test_attributes_loader_on_a_hand_made_file_and_features_auto(tmp_path, capsy
     assert ds.item_attrs == [[], ["1", "2"], ["1", "2"], ["3"], ["4", "5", "1"], []]
     assert ds.stats["has_attributes"] and not data.load_dataset("synthetic", verbose=False).stats["has_attributes"]
     cfg = sr.Config(dataset=str(tmp_path / "Toy.txt"))
-    assert sr.feature_kind(cfg, ds) == "attr+cooc"
+    assert sr.feature_kind(cfg, ds) == "cooc"  # auto: attributes only on request (README: they trailed on Toys)
+    assert sr.feature_kind(sr.Config(features="attr+cooc"), ds) == "attr+cooc"
     vec = sr.attribute_features(ds.item_attrs, 8, 0)  # (N, F)
     assert torch.allclose(vec[0], vec[1], atol=1e-6) and vec[4].abs().max() == 0  # same attributes; none
-    # --features auto picks them up in a run
+    # --features attr+cooc uses them in a run
     res = sr.main(["--dataset", str(tmp_path / "Toy.txt"), "--out", str(tmp_path / "run"), "--stages", "base",
+                   "--features", "attr+cooc",
                    "--epochs", "1", "--d-model", "8", "--n-heads", "2", "--d-ff", "8", "--enc-layers", "1",
                    "--dec-layers", "1", "--max-len", "3", "--beam-valid", "3", "--beam-test", "3", "--threads", "1",
                    "--kmeans-iters", "2", "--no-estimate"])
