@@ -1243,7 +1243,9 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
         model.load_state_dict(best_state)
         test = evaluate_split(cfg, model, ds.test, cfg.beam_test, device)  # once, best-valid weights
     except KeyboardInterrupt:
-        where = f"{key}'s test evaluation" if done_epoch == epochs or stopped else f"{key} epoch {done_epoch + 1}"
+        where = f"{key}'s test evaluation" if done_epoch == epochs or stopped else \
+            f"{key}'s validation of its starting weights (epoch 0)" if select_start and start_valid is None \
+            and not done_epoch else f"{key} epoch {done_epoch + 1}"
         held = f"{last_path(cfg, key)} holds its epoch {done_epoch}" if done_epoch else f"{key} finished no epoch"
         raise KeyboardInterrupt(f"in {where}; {held}") from None
     result = dict(valid=best, test=test, best_epoch=best_epoch, epochs_run=len(history),

@@ -2494,7 +2494,7 @@ def test_rl_holdout_runs_and_a_later_stage_refuses_an_earlier_one_trained_otherw
     assert one_line_error(e, "stage2.pt was trained with rl_holdout=True", "rl_holdout=False")
 
 
-def test_a_fresh_run_removes_an_older_runs_last_epoch_file(tiny_run, monkeypatch):
+def test_a_fresh_run_removes_an_older_runs_last_epoch_file(tiny_run, monkeypatch, capsys):
     root, _ = tiny_run
     shutil.copytree(root / "a", root / "stale")
     (root / "stale" / "stage3_last.pt").write_bytes(b"an interrupted older stage 3")
@@ -2502,6 +2502,7 @@ def test_a_fresh_run_removes_an_older_runs_last_epoch_file(tiny_run, monkeypatch
         m.setattr(sr, "evaluate_split", interrupt_on_call(1, sr.evaluate_split))
         with pytest.raises(SystemExit):
             sr.main(tiny_args(root / "stale", "--stages", "3", "--overwrite"))
+    assert "in stage3's validation of its starting weights (epoch 0)" in capsys.readouterr().err
     assert not (root / "stale" / "stage3_last.pt").exists()  # a later --resume cannot continue the old run
 
 
