@@ -90,7 +90,7 @@ STAGES = {"base": "base", "1": "stage1", "2": "stage2", "3": "stage3"}  # flag v
 CHOICES = dict(features=("auto", "attr", "attr+cooc", "text", "cooc"), annotate=("offline", "online"),
                target_repr=("feature", "sid"), annot_keep=("all", "gain"), dpo_form=("direct", "shared"),
                rl_data=("users", "prefixes"), match_reward=("prefix", "level", "exact"),
-               rank_negs_from=("direct", "popular", "random"), rl_credit=("sequence", "causal"),
+               rank_negs_from=("direct", "popular", "random"), rl_credit=("sequence", "causal"), stage1_init=("fresh", "direct"),
                trace_decode=("beam", "greedy", "split"), merge=("max", "lse"),
                skip_history=("auto", "on", "off"))  # flag -> its allowed values
 MAX_ENCODER_TOKENS = 1024  # --max-len x (--levels + 1) cap: encoder attention memory grows with its square
@@ -143,7 +143,8 @@ class Config:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     patience: int = 3  # early stop after this many epochs without a better valid metric; 0 = off
     select: str = "ndcg@10"  # validation metric that selects checkpoints (Spec §3.3: NDCG@10)
-    # stages 1-2 (the base does not read it)
+    # stages 1-2 (the base does not read them)
+    stage1_init: str = "fresh"  # fresh: stage 1 starts from new weights (Spec §3 says nothing else) | direct: from the direct model's (base.pt) weights, its SID/EOS decoder positions moved after the trace (ours; not yet measured, README)
     rl_holdout: bool = False  # stages 1 and 2 train without each user's last training item, the target stage 3 reinforces, so RL sees targets the SFT never fitted (ours; README "Stage-3 screens")
     # stage 2: annotation + SFT (Spec §4)
     sft_lr: float = 5e-4  # AdamW learning rate of stage 2 (Spec §4.3 [R]: 2e-4..1e-3)
@@ -1120,19 +1121,19 @@ RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benc
             "benchmark_steps", "stages", "eval_batch", "overwrite", "estimate"}
 # What a checkpoint written before a flag existed ran with (its value then, not today's default).
 OLDER = {"constrain_items": False, "skip_history": "off", "trace_beams": 4, "rl_trie": False,
-         "rl_select_start": False, "rl_credit": "sequence", "rl_holdout": False}
+         "rl_select_start": False, "rl_credit": "sequence", "rl_holdout": False, "stage1_init": "fresh"}
 DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "merge"}  # decoding only: the stored stage-2 traces do not depend on them
 
 
 def stage_fields():
-    """The Config fields stages 1-3 read and the base does not (trace_len, rl_holdout), those only stage 2 reads
+    """The Config fields stages 1-3 read and the base does not (trace_len, stage1_init, rl_holdout), those only stage 2 reads
     (sft_lr .. dpo_form) and only stage 3 reads (rl_epochs .. rank_negs_from, in Config's order),
     saved as results.json's "stage_fields": neither a --resume
     nor `data.py --report` compares an earlier stage on a later stage's fields (the base does
     not depend on the RL settings)."""
     names = [f.name for f in dataclasses.fields(Config)]
     span = lambda a, b: names[names.index(a):names.index(b) + 1]  # noqa: E731
-    return {"stage1": ["trace_len", *span("rl_holdout", "rl_holdout")], "stage2": span("sft_lr", "dpo_form"),
+    return {"stage1": ["trace_len", *span("stage1_init", "rl_holdout")], "stage2": span("sft_lr", "dpo_form"),
             "stage3": span("rl_epochs", "rank_negs_from")}
 
 
@@ -1308,11 +1309,30 @@ def neighbours(vectors, k, chunk=1024):
     return torch.cat(out)
 
 
+def warm_start(model, direct):
+    """--stage1-init direct: copy the direct model's weights into a thinking model of the same
+    size. Every tensor of equal shape is copied; the decoder positions (l + M + 1 rows against
+    the direct model's M + 1) take the direct model's rows at the SID and EOS positions l..l+M,
+    so each SID code is predicted from the position that predicted it there; the l trace
+    positions keep their fresh initialisation."""
+    # Reconstructed (--stage1-init direct): the spec does not say how stage 1 is initialised.
+    src, dst = direct.state_dict(), model.state_dict()
+    with torch.no_grad():
+        for k, v in src.items():
+            if k in dst and dst[k].shape == v.shape and dst[k].is_floating_point():
+                dst[k].copy_(v)
+        dst["dec_pos.weight"][model.l:].copy_(src["dec_pos.weight"])  # (M+1, D) -> rows l..l+M
+    model.load_state_dict(dst)
+    return model
+
+
 def stage1_pretrain(cfg, ds, sids, device, bench_steps=0):
     """Spec §3.1-3.2 [P]: Y = [c'_1..c'_q ; SID(target) ; EOS], c' = codes of similar items,
     trained with the plain sequence NLL. Teaches the decoder to emit a long prefix first."""
     l = cfg.trace_len
     model = new_model(cfg, sids, l, device)
+    if cfg.stage1_init == "direct" and not bench_steps:
+        warm_start(model, load_stage(cfg, "base", sids, device, "stage 1 (--stage1-init direct)")[0])
     opt = adamw(model, cfg.lr, cfg)
     # Reconstructed (Spec §3.3): neighbours by cosine of the item vectors the SIDs come from;
     # q = l, the first l tokens of the SIDs of the ceil(l/M) nearest

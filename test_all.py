@@ -1762,7 +1762,7 @@ def test_checkpoints_older_than_a_flag_read_as_what_they_ran_with():
     old = sr.Config(**sr.OLDER)
     saved = {k: v for k, v in dataclasses.asdict(old).items() if k not in sr.OLDER}
     assert set(sr.OLDER) == {"constrain_items", "skip_history", "trace_beams", "rl_trie", "rl_select_start",
-                             "rl_credit", "rl_holdout"}
+                             "rl_credit", "rl_holdout", "stage1_init"}
     assert sr.changed_settings(old, saved) == []
     # a stage's checkpoint is compared on what that stage and the earlier ones read
     now, before = sr.Config(rl_lr=1e-4, sft_lr=1e-3), dataclasses.asdict(sr.Config())
@@ -2492,6 +2492,27 @@ def test_rl_holdout_runs_and_a_later_stage_refuses_an_earlier_one_trained_otherw
     with pytest.raises(SystemExit) as e:  # and the other way round
         sr.main(tiny_args(root / "held", "--stages", "3", "--overwrite"))
     assert one_line_error(e, "stage2.pt was trained with rl_holdout=True", "rl_holdout=False")
+
+
+def test_stage1_warm_start_copies_the_direct_model_and_moves_its_sid_positions(tiny_run):
+    direct, model = tiny_model(trace_len=0, seed=1), tiny_model(trace_len=2, seed=2)
+    fresh_trace_rows = model.dec_pos.weight[:2].detach().clone()
+    sr.warm_start(model, direct)
+    a, b = direct.state_dict(), model.state_dict()
+    same = [k for k, v in a.items() if v.is_floating_point() and b[k].shape == v.shape]
+    assert {"emb.weight", "enc_pos.weight"} <= set(same) and any(k.startswith("dec.") for k in same)
+    assert all(torch.equal(a[k], b[k]) for k in same)  # every weight of equal shape: copied
+    assert torch.equal(b["dec_pos.weight"][2:], a["dec_pos.weight"])  # SID and EOS positions after the trace
+    assert torch.equal(b["dec_pos.weight"][:2], fresh_trace_rows)  # the trace positions stay fresh
+    # in a run: stage 1 starts from base.pt (and needs it)
+    root, _ = tiny_run
+    shutil.copytree(root / "a", root / "warm")
+    res = sr.main(tiny_args(root / "warm", "--stages", "1", "--overwrite", "--stage1-init", "direct"))
+    assert 0 <= res["stage1"]["test"]["recall@10"] <= 1
+    (root / "warm2").mkdir()
+    with pytest.raises(SystemExit) as e:
+        sr.main(tiny_args(root / "warm2", "--stages", "1", "--stage1-init", "direct"))
+    assert one_line_error(e, "--stage1-init direct", "base.pt", "--stages base")
 
 
 def test_a_fresh_run_removes_an_older_runs_last_epoch_file(tiny_run, monkeypatch, capsys):
