@@ -1137,9 +1137,9 @@ def result_rows(path, res, views=False, older=None):
     older: {"config": {field: value}, "stage_fields": {...}} from newer stream_rec results.json
     ("older_config"): what a run whose config predates a field ran with, so it is not merged
     with runs that set the field otherwise."""
-    older = older or {}
-    cfg = (older.get("config") or {}) | (res.get("config") or {}) if "method" not in (res.get("config") or {}) \
-        else (res.get("config") or {})
+    older, cfg = older or {}, res.get("config") or {}
+    if "method" not in cfg:  # stream_rec.py
+        cfg = (older.get("config") or {}) | cfg
     dataset = os.path.splitext(os.path.basename(str((res.get("dataset") or {}).get("name", cfg.get("dataset", "?")))))[0]
     used = {k: v for k, v in cfg.items() if k not in set(res.get("unused_config", ()))}  # what the method reads
     common = dict(dataset=dataset, config=used, all_config=cfg, seed=cfg.get("seed"), path=path,

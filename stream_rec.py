@@ -1316,13 +1316,12 @@ def warm_start(model, direct):
     so each SID code is predicted from the position that predicted it there; the l trace
     positions keep their fresh initialisation."""
     # Reconstructed (--stage1-init direct): the spec does not say how stage 1 is initialised.
-    src, dst = direct.state_dict(), model.state_dict()
+    src, dst = direct.state_dict(), model.state_dict()  # the tensors share the models' storage
     with torch.no_grad():
         for k, v in src.items():
             if k in dst and dst[k].shape == v.shape and dst[k].is_floating_point():
                 dst[k].copy_(v)
         dst["dec_pos.weight"][model.l:].copy_(src["dec_pos.weight"])  # (M+1, D) -> rows l..l+M
-    model.load_state_dict(dst)
     return model
 
 
@@ -1692,21 +1691,24 @@ def fmt_diag(x):
 # -----------------------------------------------------------------------------
 @torch.no_grad()
 def sample(model, memory, W, temp, gen, trie=False):
-    """W rollouts per history from the policy: tokens (B, W, T), states d (B, W, T, D).
+    """W rollouts per history from the policy: tokens (B, W, T), states d (B, W, T, D), and
+    the tokens each position could draw from, (B, W, T, V) bool (all True without trie).
     trie (--rl-trie): the SID positions sample only continuations of some item's SID prefix."""
     B = memory["mask"].shape[0]
-    inp, cache, ys, ds = torch.full((B, W, 1), BOS, device=gen.device), None, [], []
+    inp, cache, ys, ds, allowed = torch.full((B, W, 1), BOS, device=gen.device), None, [], [], []
     for p in range(model.T):
         d, cache = model.decode(memory, inp, p, cache)  # (B, W, 1, D)
         lp = model.log_probs(d, p)[:, :, 0]  # (B, W, V)
+        ok = torch.ones_like(lp, dtype=torch.bool)
         if trie and model.l <= p < model.l + model.M:
             seqs = torch.cat(ys, 2) if ys else torch.zeros(B, W, 0, dtype=torch.long, device=gen.device)
-            lp = lp.masked_fill(~model.item_continuations(seqs, p), -math.inf)
-        probs = (lp / temp).softmax(-1)  # (B, W, V)
+            ok = model.item_continuations(seqs, p)  # (B, W, V)
+        probs = (lp.masked_fill(~ok, -math.inf) / temp).softmax(-1)  # (B, W, V)
         inp = torch.multinomial(probs.flatten(0, 1), 1, generator=gen).view(B, W, 1)
         ys.append(inp)
         ds.append(d)
-    return torch.cat(ys, 2), torch.cat(ds, 2)
+        allowed.append(ok)
+    return torch.cat(ys, 2), torch.cat(ds, 2), torch.stack(allowed, 2)
 
 
 @torch.no_grad()
@@ -1766,16 +1768,6 @@ def stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, t, negs=None
 REWARDS = ("format", "match", "sim", "lik", "rank")
 
 
-def trie_masks(model, y):
-    """--rl-trie: the tokens the item trie allows at every position of the rollouts y (B, G, T),
-    given the tokens before it: (B, G, T, V) bool, all True outside the SID positions."""
-    B, G, T = y.shape
-    allowed = torch.ones(B, G, T, model.emb.num_embeddings, dtype=torch.bool, device=y.device)
-    for p in range(model.l, model.l + model.M):
-        allowed[:, :, p] = model.item_continuations(y[..., :p], p)
-    return allowed
-
-
 def user_batches(train, maxlen, batch_size, device, gen):
     """One example per user (at least 2 training items), shuffled: the training prefix ->
     the user's last training item. Yields histories (B, L), targets (B,)."""
@@ -1820,8 +1812,8 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
         policy.eval()
         with torch.no_grad():  # ALGO LOGIC: rollouts, rewards and advantages (Spec §4b)
             memory = policy.encode(hist)
-            y, d = sample(policy, memory, cfg.group_size, cfg.rl_temp, gen, cfg.rl_trie)  # (B, G, T)
-            allowed = trie_masks(policy, y) if cfg.rl_trie else None  # (B, G, T, V) or None
+            y, d, allowed = sample(policy, memory, cfg.group_size, cfg.rl_temp, gen, cfg.rl_trie)  # (B, G, T)
+            allowed = allowed if cfg.rl_trie else None  # (B, G, T, V): the sampling distribution's support
             negs = rank_negatives(cfg, direct, hist, target, pop, gen) if cfg.w_rank else None
             t = target_repr(policy, target, cfg.target_repr).detach()
             rewards = stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, t, negs)

@@ -1777,17 +1777,17 @@ def test_checkpoints_older_than_a_flag_read_as_what_they_ran_with():
 
 
 def test_rl_trie_rollouts_are_items_and_masks_match_a_brute_force():
-    """--rl-trie: sampled SIDs are always items (free sampling is not), and trie_masks allows a
-    token exactly when the SID so far plus that token starts some item's SID."""
+    """--rl-trie: sampled SIDs are always items (free sampling is not), and the returned mask allows
+    a token exactly when the SID so far plus that token starts some item's SID."""
     model = tiny_model(sizes=(3, 2), n_items=5, trace_len=1, seed=1)  # (2, 1) is no item
     memory = model.encode(torch.tensor([[1, 2, 3], [0, 4, 5]]))
     l, M = model.l, model.M
-    free, _ = sr.sample(model, memory, 300, 1.0, torch.Generator().manual_seed(0))
-    y, _ = sr.sample(model, memory, 300, 1.0, torch.Generator().manual_seed(0), trie=True)  # (2, 300, T)
+    free, _, free_allowed = sr.sample(model, memory, 300, 1.0, torch.Generator().manual_seed(0))
+    y, _, allowed = sr.sample(model, memory, 300, 1.0, torch.Generator().manual_seed(0), trie=True)  # (2, 300, T)
+    assert free_allowed.all()
     assert (model.tokens_to_items(y[..., l:l + M]) > 0).all() and (y[..., l + M] == sr.EOS).all()
     assert (model.tokens_to_items(free[..., l:l + M]) == 0).any()
     sids = model.item_tokens[1:].tolist()  # every item's SID tokens
-    allowed = sr.trie_masks(model, y)
     for b, g in [(0, 0), (0, 7), (1, 3), (1, 299)]:
         for p in range(model.T):
             for v in range(model.emb.num_embeddings):
