@@ -1027,14 +1027,16 @@ def token_advantages(rewards, w, l, T, credit="sequence"):
 def grpo_loss(lp, old_lp, ref_lp, adv, clip_eps, beta, weight):
     """Spec §4b: GRPO = PPO-clip with group-normalised advantages, minus a KL penalty.
     loss = mean_tokens [ -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta KL_k3 ],
-    rho = pi(y_t) / pi_old(y_t). lp, old_lp, ref_lp (B, G, T); adv (B, G, T); weight (T,)."""
+    rho = pi(y_t) / pi_old(y_t), the mean over the tokens weight marks. lp, old_lp, ref_lp,
+    adv (B, G, T); weight (T,) or (B, G, T), 1 = a token with a real choice."""
     # Reconstructed: the note names GRPO only; this is DeepSeekMath's form (token-mean loss, k3 KL
     # in the loss rather than in the reward); token_advantages gives each token its A.
     rho = (lp - old_lp).exp()
     A = adv  # (B, G, T)
     pg = -torch.minimum(rho * A, rho.clamp(1 - clip_eps, 1 + clip_eps) * A)
     kl = kl_k3(lp, ref_lp)
-    n = weight.sum() * lp.shape[0] * lp.shape[1]
+    weight = weight.expand_as(lp)  # (B, G, T)
+    n = weight.sum().clamp(min=1)
     loss = ((pg + beta * kl) * weight).sum() / n
     clipped = ((rho.detach() - 1).abs() > clip_eps).float()
     return loss, dict(kl=float((kl.detach() * weight).sum() / n),
@@ -1690,10 +1692,13 @@ def fmt_diag(x):
 # Stage 3: reinforcement learning with GRPO and five rewards (Spec §4b)
 # -----------------------------------------------------------------------------
 @torch.no_grad()
-def sample(model, memory, W, temp, gen, trie=False):
+def sample(model, memory, W, temp, gen, trie=False, skip=None):
     """W rollouts per history from the policy: tokens (B, W, T), states d (B, W, T, D), and
     the tokens each position could draw from, (B, W, T, V) bool (all True without trie).
-    trie (--rl-trie): the SID positions sample only continuations of some item's SID prefix."""
+    trie (--rl-trie): the SID positions sample only continuations of some item's SID prefix;
+    skip (B, L) (with trie, --skip-history on): the last level also skips the items of the
+    history window, as the evaluation's beams do, unless the prefix drawn so far leads to
+    history items only (then those stay allowed: a rollout always ends in an item)."""
     B = memory["mask"].shape[0]
     inp, cache, ys, ds, allowed = torch.full((B, W, 1), BOS, device=gen.device), None, [], [], []
     for p in range(model.T):
@@ -1703,6 +1708,9 @@ def sample(model, memory, W, temp, gen, trie=False):
         if trie and model.l <= p < model.l + model.M:
             seqs = torch.cat(ys, 2) if ys else torch.zeros(B, W, 0, dtype=torch.long, device=gen.device)
             ok = model.item_continuations(seqs, p)  # (B, W, V)
+            if skip is not None and p == model.l + model.M - 1:
+                fresh = model.item_continuations(seqs, p, skip)  # (B, W, V) no history item
+                ok = torch.where(fresh.any(-1, keepdim=True), fresh, ok)
         probs = (lp.masked_fill(~ok, -math.inf) / temp).softmax(-1)  # (B, W, V)
         inp = torch.multinomial(probs.flatten(0, 1), 1, generator=gen).view(B, W, 1)
         ys.append(inp)
@@ -1812,8 +1820,12 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
         policy.eval()
         with torch.no_grad():  # ALGO LOGIC: rollouts, rewards and advantages (Spec §4b)
             memory = policy.encode(hist)
-            y, d, allowed = sample(policy, memory, cfg.group_size, cfg.rl_temp, gen, cfg.rl_trie)  # (B, G, T)
+            skip = hist if cfg.rl_trie and cfg.skip_history == "on" else None  # as inference decodes
+            y, d, allowed = sample(policy, memory, cfg.group_size, cfg.rl_temp, gen, cfg.rl_trie, skip)  # (B, G, T)
             allowed = allowed if cfg.rl_trie else None  # (B, G, T, V): the sampling distribution's support
+            # tokens with a real choice carry the policy gradient and count in the token mean;
+            # inside the trie a position with one allowed token is forced (rho = 1, no gradient)
+            tok_w = weight if allowed is None else weight * (allowed.sum(-1) > 1)  # (T,) or (B, G, T)
             negs = rank_negatives(cfg, direct, hist, target, pop, gen) if cfg.w_rank else None
             t = target_repr(policy, target, cfg.target_repr).detach()
             rewards = stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, t, negs)
@@ -1826,13 +1838,13 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
             # ratio is exactly 1 at the first update and the clip means what it says.
             lp_all = tempered(teacher_forced(policy, policy.encode(hist), y)[0], allowed)  # (B, G, T, V)
             loss, st = grpo_loss(token_logp(lp_all, y), old_lp, ref_lp, adv, cfg.clip_eps,
-                                 cfg.beta_kl, weight)
+                                 cfg.beta_kl, tok_w)
             update(policy, opt, loss, cfg, "stage3")
         p = lp_all.detach().exp()
         ent = -(p * lp_all.detach().masked_fill(p == 0, 0)).sum(-1)  # (B, G, T) entropy (nats)
         logs = {f"r_{k}": rewards[..., i].mean() for i, k in enumerate(REWARDS)}
         return dict(loss=loss, reward=R.mean(), **logs, kl=st["kl"], clip_frac=st["clip_frac"],
-                    entropy=(ent * weight).sum() / (weight.sum() * y[..., 0].numel()))
+                    entropy=(ent * tok_w).sum() / tok_w.expand_as(ent).sum().clamp(min=1))
 
     # Reconstructed (Spec §4b: "1-3 epochs over the training users"): --rl-data users draws one
     # history per user; --rl-max-examples 0 covers all of them every epoch.

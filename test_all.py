@@ -1701,6 +1701,12 @@ def test_grpo_advantages_clipping_and_k3_kl_hand_computed():
                               torch.zeros(1, 2, 1), 0.2, beta, torch.ones(1))
     k3 = 0.5 - math.log(0.5) - 1  # ref/pi = 0.5 on the first token
     assert loss3.item() == pytest.approx(beta * k3 / 2, rel=1e-5) and st3["kl"] == pytest.approx(k3 / 2, rel=1e-5)
+    # a (B, G, T) weight (a trie-forced token marked 0): the mean runs over the marked tokens only
+    lp4 = torch.log(torch.tensor([[[0.3, 0.9], [0.2, 1.0]]]))  # (1, 2, 2); the second token of rollout 2 forced
+    old4 = torch.log(torch.tensor([[[0.2, 0.9], [0.4, 1.0]]]))
+    w4 = torch.tensor([[[1.0, 1.0], [1.0, 0.0]]])
+    loss4, _ = sr.grpo_loss(lp4, old4, old4, torch.tensor([[[1.0, 1.0], [-1.0, -1.0]]]), 0.2, 0.0, w4)
+    assert loss4.item() == pytest.approx((-1.2 - 1.0 + 0.8) / 3, rel=1e-6)  # rho: 1.5 (clip), 1, 0.5 (clip)
 
 
 def test_token_advantages_sequence_and_causal_credit_hand_computed():
@@ -1794,6 +1800,31 @@ def test_rl_trie_rollouts_are_items_and_masks_match_a_brute_force():
                 want = (not l <= p < l + M) or any(s[:p - l] == y[b, g, l:p].tolist() and s[p - l] == v for s in sids)
                 assert bool(allowed[b, g, p, v]) == want
 
+
+
+def test_rl_trie_rollouts_skip_the_history_as_the_beams_do():
+    """--rl-trie with --skip-history on: a rollout never ends in an item of its history window,
+    unless every item under the SID prefix it drew is one (then the history items stay allowed)."""
+    model = tiny_model(sizes=(3, 2), n_items=5, trace_len=1, seed=1)  # items (0,0) (0,1) (1,0) (1,1) (2,0)
+    hist = torch.tensor([[1, 2, 3], [0, 4, 5]])
+    l, M = model.l, model.M
+    y, _, allowed = sr.sample(model, model.encode(hist), 300, 1.0, torch.Generator().manual_seed(0),
+                              trie=True, skip=hist)
+    items = model.tokens_to_items(y[..., l:l + M])  # (2, 300)
+    assert (items > 0).all()
+    under = lambda first: [i for i in range(1, 6) if int(model.item_tokens[i, 0]) == first]  # noqa: E731
+    for b in range(2):
+        seen = set(hist[b].tolist())
+        for g in range(300):
+            sib = under(int(y[b, g, l]))  # the items that share the rollout's first code
+            fresh = [i for i in sib if i not in seen]
+            assert int(items[b, g]) in (fresh or sib)
+            last = allowed[b, g, l + M - 1]  # the last level: exactly the codes of those items
+            want = {int(model.item_tokens[i, 1]) for i in (fresh or sib)}
+            assert set(torch.nonzero(last).flatten().tolist()) == want
+    assert (items[0] == 1).any() or (items[0] == 2).any()  # row 0, first code 0: both items seen -> allowed
+    assert not (items[0] == 3).any() and (items[0] == 4).any()  # first code 1: item 3 seen, 4 fresh
+    assert not (items[1] == 4).any() and (items[1] == 5).any()  # row 1: 4 seen; 5 seen but the only one
 
 # --- Beam search ----------------------------------------------------------------------------------
 def test_beam_search_returns_the_true_top_sequences():
