@@ -2586,7 +2586,7 @@ def test_stage3_keeps_the_stage2_weights_when_no_rl_epoch_beats_them(tiny_run, m
      "--dpo-form", "shared", "--lambda-usage", "1", "--sft-warmup", "1", "--rank-negs-from", "random",
      "--rl-data", "prefixes"],
     ["--annot-keep", "gain", "--annot-every", "1", "--epochs", "2", "--match-reward", "level",
-     "--rank-negs-from", "popular", "--merge", "lse", "--trace-decode", "greedy"],
+     "--rank-negs-from", "popular", "--merge", "lse", "--trace-decode", "greedy", "--skip-history", "on"],
     ["--self-trace-frac", "1", "--match-reward", "exact", "--target-repr", "sid", "--trace-topk", "1",
      "--no-rl-trie", "--rl-credit", "causal"],
 ])
