@@ -90,7 +90,7 @@ STAGES = {"base": "base", "1": "stage1", "2": "stage2", "3": "stage3"}  # flag v
 CHOICES = dict(features=("auto", "attr", "attr+cooc", "text", "cooc"), annotate=("offline", "online"),
                target_repr=("feature", "sid"), annot_keep=("all", "gain"), dpo_form=("direct", "shared"),
                rl_data=("users", "prefixes"), match_reward=("prefix", "level", "exact"),
-               rank_negs_from=("direct", "popular", "random"), rl_credit=("sequence", "causal"), stage1_init=("fresh", "direct"),
+               rank_negs_from=("direct", "popular", "random"), rl_credit=("sequence", "causal"), rl_judge=("policy", "ref"), stage1_init=("fresh", "direct"),
                trace_decode=("beam", "greedy", "split"), merge=("max", "lse"),
                skip_history=("auto", "on", "off"))  # flag -> its allowed values
 MAX_ENCODER_TOKENS = 1024  # --max-len x (--levels + 1) cap: encoder attention memory grows with its square
@@ -177,6 +177,7 @@ class Config:
     rl_temp: float = 1.0  # sampling temperature of the rollouts (Spec §4b)
     rl_select_start: bool = True  # validate the stage-2 weights as "epoch 0" and keep them if no RL epoch beats them on valid (ours; previous: off)
     rl_credit: str = "sequence"  # sequence: every token gets the rollout's advantage (Spec §4b [R], DeepSeekMath) | causal: the SID and EOS tokens only the advantage of the rewards they can change (format, match)
+    rl_judge: str = "policy"  # who scores the similarity, likelihood and ranking rewards: policy (the model being trained, with its own heads; the rewards move as it learns) | ref (the frozen stage-2 copy: fixed rewards, as a reward model is; ours)
     rl_trie: bool = True  # sample the rollouts' SIDs inside the item trie (as --constrain-items decodes); the policy ratio and KL use the same renormalised distribution (ours; README: better than free rollouts on the synthetic data, 2 seeds, and on Toys, 1 seed; previous: off)
     w_format: float = 1.0  # weight of the format reward (Spec §4b.1)
     w_match: float = 1.0  # weight of the exact-match prefix reward (Spec §4b.2)
@@ -1123,7 +1124,7 @@ RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benc
             "benchmark_steps", "stages", "eval_batch", "overwrite", "estimate"}
 # What a checkpoint written before a flag existed ran with (its value then, not today's default).
 OLDER = {"constrain_items": False, "skip_history": "off", "trace_beams": 4, "rl_trie": False,
-         "rl_select_start": False, "rl_credit": "sequence", "rl_holdout": False, "stage1_init": "fresh"}
+         "rl_select_start": False, "rl_credit": "sequence", "rl_judge": "policy", "rl_holdout": False, "stage1_init": "fresh"}
 DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "merge"}  # decoding only: the stored stage-2 traces do not depend on them
 
 
@@ -1742,7 +1743,9 @@ def rank_negatives(cfg, direct, hist, target, pop, gen):
 @torch.no_grad()
 def stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, t, negs=None):
     """Spec §4b: the five reward terms of every rollout, (B, G, 5). Formulas are [R].
-    t (B, D): target representations; negs (B, n): the ranking reward's negatives."""
+    policy: the model that scores them (--rl-judge: the one being trained, or its frozen copy),
+    with its memory of the histories and its states d (B, G, T, D) on the rollouts y;
+    t (B, D): its target representations; negs (B, n): the ranking reward's negatives."""
     B, G, T = y.shape
     l, M = policy.l, policy.M
     sid, tgt = y[..., l:l + M], policy.item_tokens[target][:, None]  # (B, G, M), (B, 1, M)
@@ -1827,12 +1830,19 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
             # inside the trie a position with one allowed token is forced (rho = 1, no gradient)
             tok_w = weight if allowed is None else weight * (allowed.sum(-1) > 1)  # (T,) or (B, G, T)
             negs = rank_negatives(cfg, direct, hist, target, pop, gen) if cfg.w_rank else None
-            t = target_repr(policy, target, cfg.target_repr).detach()
-            rewards = stage3_rewards(cfg, policy, direct, memory, hist, y, d, target, t, negs)
+            ref_memory = ref.encode(hist)
+            ref_out, ref_d = teacher_forced(ref, ref_memory, y)  # (B, G, T, V), (B, G, T, D)
+            # Reconstructed (--rl-judge ref): the similarity, likelihood and ranking rewards read
+            # the model's own heads (MLP_s, t, P(SID | trace)); scored by the policy they change
+            # with every update (a reward the policy can move without better outputs), scored by
+            # the frozen stage-2 copy they stay fixed, as a reward model's do.
+            judge, j_memory, j_d = (ref, ref_memory, ref_d) if cfg.rl_judge == "ref" else (policy, memory, d)
+            t = target_repr(judge, target, cfg.target_repr).detach()
+            rewards = stage3_rewards(cfg, judge, direct, j_memory, hist, y, j_d, target, t, negs)
             R = rewards @ w  # (B, G) total reward sum_k w_k r_k
             adv = token_advantages(rewards, w, policy.l, y.shape[2], cfg.rl_credit)  # (B, G, T)
             old_lp = token_logp(tempered(teacher_forced(policy, memory, y)[0], allowed), y)  # (B, G, T) pi_old
-            ref_lp = token_logp(tempered(teacher_forced(ref, ref.encode(hist), y)[0], allowed), y)
+            ref_lp = token_logp(tempered(ref_out, allowed), y)
         for _ in range(cfg.rl_inner):  # ALGO LOGIC: clipped policy updates on the same rollouts
             # Note: ratio and KL use the same temperature as the sampling (--rl-temp), so the
             # ratio is exactly 1 at the first update and the clip means what it says.

@@ -1768,7 +1768,7 @@ def test_checkpoints_older_than_a_flag_read_as_what_they_ran_with():
     old = sr.Config(**sr.OLDER)
     saved = {k: v for k, v in dataclasses.asdict(old).items() if k not in sr.OLDER}
     assert set(sr.OLDER) == {"constrain_items", "skip_history", "trace_beams", "rl_trie", "rl_select_start",
-                             "rl_credit", "rl_holdout", "stage1_init"}
+                             "rl_credit", "rl_judge", "rl_holdout", "stage1_init"}
     assert sr.changed_settings(old, saved) == []
     # a stage's checkpoint is compared on what that stage and the earlier ones read
     now, before = sr.Config(rl_lr=1e-4, sft_lr=1e-3), dataclasses.asdict(sr.Config())
@@ -2579,6 +2579,33 @@ def test_stage3_keeps_the_stage2_weights_when_no_rl_epoch_beats_them(tiny_run, m
     rl = sr.main(tiny_args(root / "keep", "--stages", "3", "--overwrite", "--no-rl-select-start"))["stage3"]
     assert rl["best_epoch"] == 1 and "start_valid" not in rl
 
+
+
+def test_rl_judge_ref_scores_the_rewards_with_the_frozen_stage2_copy(tiny_run, monkeypatch):
+    """--rl-judge ref: every reward call gets the frozen copy (the stage-2 weights, all stage long);
+    --rl-judge policy: the model being trained (trainable, its weights move between calls)."""
+    root, _ = tiny_run
+    real, calls = sr.stage3_rewards, []
+
+    def spy(cfg, judge, *args, **kw):
+        calls.append((any(p.requires_grad for p in judge.parameters()),
+                      {n: p.detach().clone() for n, p in judge.named_parameters()}))
+        return real(cfg, judge, *args, **kw)
+
+    monkeypatch.setattr(sr, "stage3_rewards", spy)
+    stage2 = torch.load(root / "a" / "stage2.pt", weights_only=True)["model"]
+    for judge in ("ref", "policy"):
+        calls.clear()
+        out = root / f"judge_{judge}"
+        shutil.copytree(root / "a", out)
+        sr.main(tiny_args(out, "--stages", "3", "--overwrite", "--rl-judge", judge, "--no-rl-select-start"))
+        assert len(calls) >= 2
+        moved = any(not torch.equal(calls[0][1][n], w[n]) for _, w in calls[1:] for n in w)
+        if judge == "ref":
+            assert not moved and not any(trainable for trainable, _ in calls)
+            assert all(torch.equal(w, stage2[n]) for n, w in calls[-1][1].items())  # still stage 2
+        else:
+            assert moved and all(trainable for trainable, _ in calls)
 
 @pytest.mark.parametrize("flags", [
     # the previous reconstruction, kept behind flags for the README comparison
