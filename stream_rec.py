@@ -133,7 +133,7 @@ class Config:
     trace_len: int = 4  # l, thinking tokens (Spec §2.3: 4 Scientific, 6 Instruments)
     constrain_levels: bool = True  # SID positions may only emit their own level's codes (ours)
     constrain_items: bool = True  # beam search follows only SID prefixes of real items (a prefix trie) (ours)
-    skip_history: str = "auto"  # on: beams never complete an item of the history window (the protocol masks the history unless it is the target); auto = on when no training sequence repeats an item (ours)
+    skip_history: str = "auto"  # on: beams (and stage 3's trie rollouts, --rl-skip-history) never complete an item of the history window (the protocol masks the history unless it is the target); auto = on when no training sequence repeats an item (ours)
     # training, shared by the stages
     epochs: int = 0  # max epochs of base, stage 1 and stage 2; 0 = auto: 3 on the synthetic demo (minutes), 50 on real data (early stopping: --patience)
     batch_size: int = 256  # (prefix -> next item) examples per step (MTGRec: 256)
@@ -178,6 +178,7 @@ class Config:
     rl_select_start: bool = True  # validate the stage-2 weights as "epoch 0" and keep them if no RL epoch beats them on valid (ours; previous: off)
     rl_credit: str = "sequence"  # sequence: every token gets the rollout's advantage (Spec §4b [R], DeepSeekMath) | causal: the SID and EOS tokens only the advantage of the rewards they can change (format, match)
     rl_judge: str = "policy"  # who scores the similarity, likelihood and ranking rewards: policy (the model being trained, with its own heads; the rewards move as it learns) | ref (the frozen stage-2 copy: fixed rewards, as a reward model is; ours)
+    rl_skip_history: bool = True  # with --rl-trie and --skip-history on, the rollouts skip the history window's items as the beams do (ours; previous: they could end in one)
     rl_trie: bool = True  # sample the rollouts' SIDs inside the item trie (as --constrain-items decodes); the policy ratio and KL use the same renormalised distribution (ours; README: better than free rollouts on the synthetic data, 2 seeds, and on Toys, 1 seed; previous: off)
     w_format: float = 1.0  # weight of the format reward (Spec §4b.1)
     w_match: float = 1.0  # weight of the exact-match prefix reward (Spec §4b.2)
@@ -1124,8 +1125,8 @@ RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benc
             "benchmark_steps", "stages", "eval_batch", "overwrite", "estimate"}
 # What a checkpoint written before a flag existed ran with (its value then, not today's default).
 OLDER = {"constrain_items": False, "skip_history": "off", "trace_beams": 4, "rl_trie": False,
-         "rl_select_start": False, "rl_credit": "sequence", "rl_judge": "policy", "rl_holdout": False, "stage1_init": "fresh"}
-DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "merge"}  # decoding only: the stored stage-2 traces do not depend on them
+         "rl_select_start": False, "rl_credit": "sequence", "rl_judge": "policy", "rl_skip_history": False, "rl_holdout": False, "stage1_init": "fresh"}
+DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "merge"}  # decoding (and stage 3's rollouts and negatives): the stored stage-2 traces do not depend on them
 
 
 def stage_fields():
@@ -1823,7 +1824,7 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
         policy.eval()
         with torch.no_grad():  # ALGO LOGIC: rollouts, rewards and advantages (Spec §4b)
             memory = policy.encode(hist)
-            skip = hist if cfg.rl_trie and cfg.skip_history == "on" else None  # as inference decodes
+            skip = hist if cfg.rl_trie and cfg.rl_skip_history and cfg.skip_history == "on" else None  # as the beams decode
             y, d, allowed = sample(policy, memory, cfg.group_size, cfg.rl_temp, gen, cfg.rl_trie, skip)  # (B, G, T)
             allowed = allowed if cfg.rl_trie else None  # (B, G, T, V): the sampling distribution's support
             # tokens with a real choice carry the policy gradient and count in the token mean;

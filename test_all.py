@@ -1768,7 +1768,7 @@ def test_checkpoints_older_than_a_flag_read_as_what_they_ran_with():
     old = sr.Config(**sr.OLDER)
     saved = {k: v for k, v in dataclasses.asdict(old).items() if k not in sr.OLDER}
     assert set(sr.OLDER) == {"constrain_items", "skip_history", "trace_beams", "rl_trie", "rl_select_start",
-                             "rl_credit", "rl_judge", "rl_holdout", "stage1_init"}
+                             "rl_credit", "rl_judge", "rl_skip_history", "rl_holdout", "stage1_init"}
     assert sr.changed_settings(old, saved) == []
     # a stage's checkpoint is compared on what that stage and the earlier ones read
     now, before = sr.Config(rl_lr=1e-4, sft_lr=1e-3), dataclasses.asdict(sr.Config())
@@ -2587,10 +2587,15 @@ def test_rl_judge_ref_scores_the_rewards_with_the_frozen_stage2_copy(tiny_run, m
     root, _ = tiny_run
     real, calls = sr.stage3_rewards, []
 
-    def spy(cfg, judge, *args, **kw):
+    def spy(cfg, judge, direct, memory, hist, y, d, target, t, negs=None):
         calls.append((any(p.requires_grad for p in judge.parameters()),
                       {n: p.detach().clone() for n, p in judge.named_parameters()}))
-        return real(cfg, judge, *args, **kw)
+        with torch.no_grad():  # the memory, states and t handed over are the judge's own
+            own = judge.encode(hist)["kv"]
+            assert all(torch.allclose(a, b, atol=1e-5) for kv, kv2 in zip(memory["kv"], own) for a, b in zip(kv, kv2))
+            assert torch.allclose(d, sr.teacher_forced(judge, judge.encode(hist), y)[1], atol=1e-5)
+            assert torch.allclose(t, sr.target_repr(judge, target, cfg.target_repr), atol=1e-6)
+        return real(cfg, judge, direct, memory, hist, y, d, target, t, negs)
 
     monkeypatch.setattr(sr, "stage3_rewards", spy)
     stage2 = torch.load(root / "a" / "stage2.pt", weights_only=True)["model"]
