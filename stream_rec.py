@@ -144,7 +144,7 @@ class Config:
     patience: int = 3  # early stop after this many epochs without a better valid metric; 0 = off
     select: str = "ndcg@10"  # validation metric that selects checkpoints (Spec §3.3: NDCG@10)
     # stages 1-2 (the base does not read them)
-    stage1_init: str = "fresh"  # fresh: stage 1 starts from new weights (Spec §3 says nothing else) | direct: from the direct model's (base.pt) weights, its SID/EOS decoder positions moved after the trace (ours; not yet measured, README)
+    stage1_init: str = "fresh"  # fresh: stage 1 starts from new weights (Spec §3 says nothing else) | direct: from the direct model's (base.pt) weights, its SID/EOS decoder positions moved after the trace (ours; Toys stage 1: the fresh level in 3 epochs instead of 17, README)
     rl_holdout: bool = False  # stages 1 and 2 train without each user's last training item, the target stage 3 reinforces, so RL sees targets the SFT never fitted (ours; README "Stage-3 screens")
     # stage 2: annotation + SFT (Spec §4)
     sft_lr: float = 5e-4  # AdamW learning rate of stage 2 (Spec §4.3 [R]: 2e-4..1e-3)
@@ -1824,7 +1824,9 @@ def stage3_rl(cfg, ds, sids, device, bench_steps=0):
         policy.eval()
         with torch.no_grad():  # ALGO LOGIC: rollouts, rewards and advantages (Spec §4b)
             memory = policy.encode(hist)
-            skip = hist if cfg.rl_trie and cfg.rl_skip_history and cfg.skip_history == "on" else None  # as the beams decode
+            # Reconstructed (--rl-skip-history, README row 22a): the rollouts skip the history window's
+            # items where the evaluation's beams do, so RL trains on outputs inference can produce.
+            skip = hist if cfg.rl_trie and cfg.rl_skip_history and cfg.skip_history == "on" else None
             y, d, allowed = sample(policy, memory, cfg.group_size, cfg.rl_temp, gen, cfg.rl_trie, skip)  # (B, G, T)
             allowed = allowed if cfg.rl_trie else None  # (B, G, T, V): the sampling distribution's support
             # tokens with a real choice carry the policy gradient and count in the token mean;
