@@ -144,7 +144,7 @@ class Config:
     patience: int = 3  # early stop after this many epochs without a better valid metric; 0 = off
     select: str = "ndcg@10"  # validation metric that selects checkpoints (Spec §3.3: NDCG@10)
     # stages 1-2 (the base does not read them)
-    stage1_init: str = "fresh"  # fresh: stage 1 starts from new weights (Spec §3 says nothing else) | direct: from the direct model's (base.pt) weights, its SID/EOS decoder positions moved after the trace (ours; Toys stage 1: the fresh level in 3 epochs instead of 17, README)
+    stage1_init: str = "fresh"  # fresh: stage 1 starts from new weights (Spec §3 says nothing else) | direct: from the direct model's (base.pt) weights, its SID/EOS decoder positions moved after the trace (ours; Toys, seed 0: stage 1 at the fresh level in 3 epochs instead of 17, its stage 2 test R@10 0.0496 vs 0.0481 fresh, README row 12a)
     rl_holdout: bool = False  # stages 1 and 2 train without each user's last training item, the target stage 3 reinforces, so RL sees targets the SFT never fitted (ours; README "Stage-3 screens")
     # stage 2: annotation + SFT (Spec §4)
     sft_lr: float = 5e-4  # AdamW learning rate of stage 2 (Spec §4.3 [R]: 2e-4..1e-3)
