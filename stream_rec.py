@@ -137,6 +137,7 @@ class Config:
     # training, shared by the stages
     epochs: int = 0  # max epochs of base, stage 1 and stage 2; 0 = auto: 3 on the synthetic demo (minutes), 50 on real data (early stopping: --patience)
     batch_size: int = 256  # (prefix -> next item) examples per step (MTGRec: 256)
+    bucket: int = 0  # length bucketing of the prefix batches (base, stages 1-2; stage 3 with --rl-data prefixes): sort random pools of this many batches by prefix length, cut the padding (data.train_batches); 0 = off (ours, for speed: which prefixes share a batch changes, no output; README "Speed")
     max_examples: int = -1  # examples per epoch, a fresh random subset each epoch; 0 = all; -1 = auto: 8192 on the synthetic demo, all on real data
     lr: float = 1e-3  # AdamW learning rate of base and stage 1 (MTGRec ft config: 1e-3)
     weight_decay: float = 0.05  # AdamW weight decay (MTGRec: 0.05)
@@ -258,7 +259,7 @@ def check_config(cfg, ds=None):
     for name in ("max_examples", "rl_max_examples"):
         need(getattr(cfg, name) >= -1, f"--{name.replace('_', '-')} must be >= -1: -1 = auto, 0 = all "
              f"(got {getattr(cfg, name)})")
-    for name in ("epochs", "patience", "codebook_size", "annot_epochs", "annot_every", "trace_topk",
+    for name in ("epochs", "patience", "bucket", "codebook_size", "annot_epochs", "annot_every", "trace_topk",
                  "sft_warmup", "rank_negs", "quant_beta", "threads", "lambda_con", "lambda_quant",
                  "lambda_dpo", "lambda_usage", "beta_kl", "weight_decay", "grad_clip", "dropout"):
         need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 "
@@ -821,8 +822,13 @@ class StreamRec(nn.Module):
     def encode(self, hist):  # (B, L) item ids -> encoder memory for every decoder layer
         # Deviation: no hashed user token in front (MTGRec has one); the shared protocol hands
         # the model histories only, as it does for ReaRec.
+        # Histories are left-padded windows (newest item in the last column) and positions count
+        # from the newest token, so the columns that are padding in every row can go: the same
+        # output, less work (a batch of short histories, e.g. from --bucket, is mostly padding).
+        keep = (hist != data.PAD).any(0)  # (L,) columns holding some item
+        hist = hist[:, int(keep.int().argmax()):] if bool(keep.any()) else hist
         tok = self.item_tokens[hist].flatten(1)  # (B, S) SID tokens of the history, PAD-padded
-        x = self.drop(self.emb(tok) + self.enc_pos.weight[:tok.shape[1]])  # (B, S, D)
+        x = self.drop(self.emb(tok) + self.enc_pos.weight[-tok.shape[1]:])  # (B, S, D) newest token last
         mask = (tok != PAD_TOK)[:, None, None, :]  # (B, 1, 1, S) padding is never attended
         for layer in self.enc:
             x = layer(x, mask)
@@ -1125,7 +1131,7 @@ RUN_ONLY = {"data_dir", "device", "threads", "out", "resume", "eval_only", "benc
             "benchmark_steps", "stages", "eval_batch", "overwrite", "estimate"}
 # What a checkpoint written before a flag existed ran with (its value then, not today's default).
 OLDER = {"constrain_items": False, "skip_history": "off", "trace_beams": 4, "rl_trie": False,
-         "rl_select_start": False, "rl_credit": "sequence", "rl_judge": "policy", "rl_skip_history": False, "rl_holdout": False, "stage1_init": "fresh"}
+         "rl_select_start": False, "rl_credit": "sequence", "rl_judge": "policy", "rl_skip_history": False, "rl_holdout": False, "stage1_init": "fresh", "bucket": 0}
 DECODING = {"constrain_items", "skip_history", "trace_decode", "trace_beams", "merge"}  # decoding (and stage 3's rollouts and negatives): the stored stage-2 traces do not depend on them
 
 
@@ -1202,7 +1208,7 @@ def fit(cfg, key, model, step, ds, sids, device, batch_size, epochs, max_example
                 break
             sums, n, t0 = {}, 0, time.time()
             batches_ = batches(gen) if batches else data.train_batches(
-                ds.train, cfg.max_len, batch_size, pairs=True, device=device, generator=gen)
+                ds.train, cfg.max_len, batch_size, pairs=True, device=device, generator=gen, bucket=cfg.bucket)
             for batch in batches_:
                 model.train()
                 for name, v in step(epoch, *batch).items():
@@ -1660,7 +1666,7 @@ def stage2_sft(cfg, ds, sids, device, bench_steps=0):
     return fit(cfg, "stage2", model, step, ds, sids, device, cfg.batch_size, cfg.epochs,
                cfg.max_examples, bench_steps, opt=opt, rngs=[gen, annot_gen], diag=diag,
                batches=lambda g: data.train_batches(ds.train, cfg.max_len, cfg.batch_size, pairs=True,
-                                                    device=device, generator=g, positions=True))
+                                                    device=device, generator=g, positions=True, bucket=cfg.bucket))
 
 
 @torch.no_grad()
@@ -1961,8 +1967,9 @@ def evaluate_split(cfg, model, split, beam, device):
 
     # Note: data.evaluate removes the case's history items from the lists (the shared protocol,
     # --mask-history); a beam that ends in a seen item is then wasted, so beams are wider than 20.
+    # trim: batches of similar history length, all-padding columns cut (the same metrics, faster)
     m = data.evaluate(score_fn, split, cfg.max_len, device=device, batch_size=cfg.eval_batch,
-                      mask_history=cfg.mask_history)
+                      mask_history=cfg.mask_history, trim=True)
     p = usage[usage > 0] / usage.sum().clamp(min=1)
     m.update(invalid_rate=count["invalid"] / max(count["beams"], 1), trace_distinct=int((usage > 0).sum()),
              trace_entropy_bits=float(-(p * p.log2()).sum()))

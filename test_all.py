@@ -338,6 +338,12 @@ def test_train_batches_every_position_and_pairs():
     bucketed = list(data.train_batches(ds.train, 4, 2, bucket=2, generator=torch.Generator().manual_seed(1)))
     assert {tuple(r[r != 0].tolist()) for x, _ in bucketed for r in x} == plain
     assert sorted(x.shape[1] for x, _ in bucketed) == [1, 2]  # [7 3 | 1 2] and [5] (padding cut)
+    # pairs (STREAM-Rec): the same (prefix, target) examples, each batch without all-PAD columns
+    bp = list(data.train_batches(ds.train, 3, 2, pairs=True, bucket=2, generator=torch.Generator().manual_seed(1)))
+    assert {(tuple(h[h != 0].tolist()), int(t)) for x, y in bp for h, t in zip(x, y)} == \
+        {(tuple(h for h in p if h), t) for p, t in pairs}
+    assert all(bool((x != 0).any(0).all()) and bool((x[:, -1] != 0).all()) for x, _ in bp)
+    assert sum(x.numel() for x, _ in bp) < 5 * 3  # less padding than full windows of 3
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     a = [x for x, _ in data.train_batches(ds.train, 4, 1, generator=g1)]
     b = [x for x, _ in data.train_batches(ds.train, 4, 1, generator=g2)]
@@ -1600,6 +1606,40 @@ def test_tokens_to_items_rejects_wrong_levels_and_unknown_tuples():
 
 
 # --- Model, stage 1 and the stage-2 annotation loop ----------------------------------------------
+def test_encoder_cuts_all_padding_columns_without_changing_any_output():
+    # Histories are left-padded and positions count from the newest token, so a batch of short
+    # histories drops its all-PAD columns; its rows must decode exactly as they do beside a full
+    # row (where nothing can be cut).
+    model = tiny_model(sizes=(3, 2), trace_len=1)  # max_len 3, M = 2 tokens per item
+    short = torch.tensor([[0, 0, 2], [0, 1, 3]])  # (2, 3): column 0 is padding in both rows
+    both = torch.cat([short, torch.tensor([[4, 5, 6]])])  # (3, 3): no column to cut
+    mem_s, mem_b = model.encode(short), model.encode(both)
+    assert mem_s["mask"].shape[-1] == 2 * 2 and mem_b["mask"].shape[-1] == 3 * 2  # 2 items kept
+    tokens = torch.tensor([sr.BOS, sr.FIRST_CODE + 1, sr.FIRST_CODE + 3])
+    d_s, _ = model.decode(mem_s, tokens.expand(2, 1, 3))
+    d_b, _ = model.decode(mem_b, tokens.expand(3, 1, 3))
+    assert torch.allclose(d_s, d_b[:2], atol=1e-6)
+    # a left-aligned position table (the mistake) would shift the short rows' positions
+    assert not torch.allclose(model.enc_pos.weight[:4], model.enc_pos.weight[-4:])
+
+
+def test_evaluation_in_length_order_gives_the_same_metrics(monkeypatch):
+    # evaluate_split batches cases of similar history length (data.evaluate trim=True); every
+    # case's beams depend on its history only, so the metrics equal the unsorted, padded pass.
+    model = tiny_model(sizes=(3, 2), trace_len=1)
+    ds = tiny_dataset([[1, 2, 3, 4, 5], [2, 3, 1], [4, 5, 6, 1], [1, 3, 5], [6, 5, 4, 3, 2, 1],
+                       [2, 4, 6], [3, 1, 2, 6], [5, 6, 2]])
+    cfg = sr.Config(max_len=3, eval_batch=3, skip_history="on")
+    trimmed = sr.evaluate_split(cfg, model, ds.valid, 4, "cpu")
+    plain_eval, widths = data.evaluate, []
+    monkeypatch.setattr(sr.data, "evaluate", lambda fn, *a, **k: plain_eval(
+        lambda h: widths.append(h.shape[1]) or fn(h), *a, **(k | {"trim": False})))
+    plain = sr.evaluate_split(cfg, model, ds.valid, 4, "cpu")
+    assert widths == [3] * len(widths)  # the padded pass really saw full windows
+    assert trimmed.keys() == plain.keys()
+    assert all(trimmed[m] == pytest.approx(plain[m], abs=1e-12) for m in plain)
+
+
 def test_kv_cache_decoding_equals_teacher_forcing():
     model = tiny_model(trace_len=2)
     hist = torch.tensor([[0, 1, 4], [2, 5, 6]])
