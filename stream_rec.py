@@ -137,7 +137,7 @@ class Config:
     # training, shared by the stages
     epochs: int = 0  # max epochs of base, stage 1 and stage 2; 0 = auto: 3 on the synthetic demo (minutes), 50 on real data (early stopping: --patience)
     batch_size: int = 256  # (prefix -> next item) examples per step (MTGRec: 256)
-    bucket: int = 0  # length bucketing of the prefix batches (base, stages 1-2; stage 3 with --rl-data prefixes): sort random pools of this many batches by prefix length, cut the padding (data.train_batches); 0 = off (ours, for speed: which prefixes share a batch changes, no output; README "Speed")
+    bucket: int = 0  # length bucketing of the prefix batches (base, stages 1-2; stage 3 with --rl-data prefixes): sort random pools of this many batches by prefix length, cut the padding (data.train_batches); 0 = off (ours, for speed: which prefixes share a batch changes, no output; README, STREAM-Rec "Benchmark")
     max_examples: int = -1  # examples per epoch, a fresh random subset each epoch; 0 = all; -1 = auto: 8192 on the synthetic demo, all on real data
     lr: float = 1e-3  # AdamW learning rate of base and stage 1 (MTGRec ft config: 1e-3)
     weight_decay: float = 0.05  # AdamW weight decay (MTGRec: 0.05)
