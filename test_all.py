@@ -1808,8 +1808,9 @@ def test_checkpoints_older_than_a_flag_read_as_what_they_ran_with():
     old = sr.Config(**sr.OLDER)
     saved = {k: v for k, v in dataclasses.asdict(old).items() if k not in sr.OLDER}
     assert set(sr.OLDER) == {"constrain_items", "skip_history", "trace_beams", "rl_trie", "rl_select_start",
-                             "rl_credit", "rl_judge", "rl_skip_history", "rl_holdout", "stage1_init"}
+                             "rl_credit", "rl_judge", "rl_skip_history", "rl_holdout", "stage1_init", "bucket"}
     assert sr.changed_settings(old, saved) == []
+    assert sr.changed_settings(sr.Config(**(sr.OLDER | {"bucket": 8})), saved, "base") == ["bucket"]  # training
     # a stage's checkpoint is compared on what that stage and the earlier ones read
     now, before = sr.Config(rl_lr=1e-4, sft_lr=1e-3), dataclasses.asdict(sr.Config())
     assert [sr.changed_settings(now, before, k) for k in ("base", "stage1", "stage2", "stage3")] == \
