@@ -875,6 +875,12 @@ def windows(items, starts, ends, length):
     return np.where(valid, items[np.clip(idx, 0, None)], PAD)
 
 
+def cut_padding(w, keep=1):
+    """Left-padded windows (B, L) without the columns that are padding in every row, at least
+    `keep` columns kept. (B, L) -> (B, L' <= L)."""
+    return w[:, min(int(np.argmax((w != PAD).any(0))), w.shape[1] - keep):]
+
+
 def train_batches(train, maxlen, batch_size, *, pairs=False, device="cpu", generator=None, bucket=0,
                   positions=False):
     """Yield shuffled training batches (a fresh permutation from `generator` each call).
@@ -915,13 +921,13 @@ def train_batches(train, maxlen, batch_size, *, pairs=False, device="cpu", gener
         if pairs:
             hist = windows(train.items, starts[rows], ends[rows], maxlen)  # (B, L)
             if bucket:
-                hist = hist[:, min(int(np.argmax((hist != PAD).any(0))), maxlen - 1):]  # drop all-PAD columns
+                hist = cut_padding(hist)
             batch = (torch.from_numpy(hist).to(device), torch.from_numpy(train.items[ends[rows]]).to(device))
             yield batch + (torch.from_numpy(ends[rows]).to(device),) if positions else batch
         else:
             w = windows(train.items, starts[rows], ends[rows], maxlen + 1)  # (B, L+1)
             if bucket:
-                w = w[:, min(int(np.argmax((w != PAD).any(0))), maxlen - 1):]  # drop all-PAD columns
+                w = cut_padding(w, keep=2)  # an input and its target column at least
             w = torch.from_numpy(w)
             inputs, targets = w[:, :-1], w[:, 1:].clone()  # (B, L) each
             targets[inputs == PAD] = PAD  # the oldest kept item has no input before it
@@ -1046,7 +1052,7 @@ def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, ma
         starts, ends = split.starts[rows], split.ends[rows]
         hist = windows(split.items, starts, ends, maxlen)  # (B, L)
         if trim:
-            hist = hist[:, min(int(np.argmax((hist != PAD).any(0))), maxlen - 1):]
+            hist = cut_padding(hist)
         hist = torch.from_numpy(hist).to(device)
         target = torch.from_numpy(split.targets[rows]).to(device)
         exclude = None

@@ -823,10 +823,8 @@ class StreamRec(nn.Module):
         # Deviation: no hashed user token in front (MTGRec has one); the shared protocol hands
         # the model histories only, as it does for ReaRec.
         # Histories are left-padded windows (newest item in the last column) and positions count
-        # from the newest token, so the columns that are padding in every row can go: the same
-        # output, less work (a batch of short histories, e.g. from --bucket, is mostly padding).
-        keep = (hist != data.PAD).any(0)  # (L,) columns holding some item
-        hist = hist[:, int(keep.int().argmax()):] if bool(keep.any()) else hist
+        # from the newest token, so a window without its all-padding columns (data.cut_padding:
+        # the length-ordered evaluation, --bucket, the annotation pass) encodes as the full one.
         tok = self.item_tokens[hist].flatten(1)  # (B, S) SID tokens of the history, PAD-padded
         x = self.drop(self.emb(tok) + self.enc_pos.weight[-tok.shape[1]:])  # (B, S, D) newest token last
         mask = (tok != PAD_TOK)[:, None, None, :]  # (B, 1, 1, S) padding is never attended

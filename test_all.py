@@ -1606,13 +1606,15 @@ def test_tokens_to_items_rejects_wrong_levels_and_unknown_tuples():
 
 
 # --- Model, stage 1 and the stage-2 annotation loop ----------------------------------------------
-def test_encoder_cuts_all_padding_columns_without_changing_any_output():
+def test_encoder_reads_a_window_without_its_padding_columns_as_the_full_one():
     # Histories are left-padded and positions count from the newest token, so a batch of short
-    # histories drops its all-PAD columns; its rows must decode exactly as they do beside a full
-    # row (where nothing can be cut).
+    # histories may drop its all-PAD columns (data.cut_padding); its rows must decode exactly as
+    # they do beside a full row (where nothing can be cut).
     model = tiny_model(sizes=(3, 2), trace_len=1)  # max_len 3, M = 2 tokens per item
-    short = torch.tensor([[0, 0, 2], [0, 1, 3]])  # (2, 3): column 0 is padding in both rows
-    both = torch.cat([short, torch.tensor([[4, 5, 6]])])  # (3, 3): no column to cut
+    full = np.array([[0, 0, 2], [0, 1, 3]])  # (2, 3): column 0 is padding in both rows
+    short = torch.from_numpy(data.cut_padding(full))
+    both = torch.from_numpy(np.concatenate([full, [[4, 5, 6]]]))  # (3, 3): no column to cut
+    assert short.tolist() == [[0, 2], [1, 3]] and data.cut_padding(both.numpy()).shape == (3, 3)
     mem_s, mem_b = model.encode(short), model.encode(both)
     assert mem_s["mask"].shape[-1] == 2 * 2 and mem_b["mask"].shape[-1] == 3 * 2  # 2 items kept
     tokens = torch.tensor([sr.BOS, sr.FIRST_CODE + 1, sr.FIRST_CODE + 3])
