@@ -1715,10 +1715,13 @@ def sample(model, memory, W, temp, gen, trie=False, skip=None):
         ok = torch.ones_like(lp, dtype=torch.bool)
         if trie and model.l <= p < model.l + model.M:
             seqs = torch.cat(ys, 2) if ys else torch.zeros(B, W, 0, dtype=torch.long, device=gen.device)
-            ok = model.item_continuations(seqs, p)  # (B, W, V)
             if skip is not None and p == model.l + model.M - 1:
-                fresh = model.item_continuations(seqs, p, skip)  # (B, W, V) no history item
-                ok = torch.where(fresh.any(-1, keepdim=True), fresh, ok)
+                ok = model.item_continuations(seqs, p, skip)  # (B, W, V) no history item
+                stuck = ~ok.any(-1, keepdim=True)  # (B, W, 1) the prefix leads to history items only
+                if stuck.any():
+                    ok = torch.where(stuck, model.item_continuations(seqs, p), ok)
+            else:
+                ok = model.item_continuations(seqs, p)  # (B, W, V)
         probs = (lp.masked_fill(~ok, -math.inf) / temp).softmax(-1)  # (B, W, V)
         inp = torch.multinomial(probs.flatten(0, 1), 1, generator=gen).view(B, W, 1)
         ys.append(inp)
