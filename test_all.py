@@ -2100,6 +2100,7 @@ def test_baseline_learns_the_synthetic_data(tmp_path):
     (["--w-format", "-1"], "--w-format must be >= 0"),
     (["--w-format", "0", "--w-match", "0", "--w-sim", "0", "--w-lik", "0", "--w-rank", "0"], "stage 3 needs a reward"),
     (["--resume", "--overwrite"], "pass one of them"),
+    (["--rl-holdout", "--stage1-init", "direct"], "add --stage1-init fresh"),
     (["--beam-valid", "100000", "--stages", "base"], "--beam-valid 100000 is wider than the 400 items"),
     (["--beam-test", "401", "--stages", "base"], "--beam-test 401 is wider than the 400 items"),
     (["--rank-negs", "100000"], "--rank-negs 100000 needs that many other items"),
@@ -2557,14 +2558,14 @@ def test_rl_holdout_runs_and_a_later_stage_refuses_an_earlier_one_trained_otherw
     root, res = tiny_run
     shutil.copytree(root / "a", root / "held")
     with pytest.raises(SystemExit) as e:  # stage 2 would start from a stage 1 trained on every item
-        sr.main(tiny_args(root / "held", "--stages", "2,3", "--overwrite", "--rl-holdout"))
+        sr.main(tiny_args(root / "held", "--stages", "2,3", "--overwrite", "--rl-holdout", "--stage1-init", "fresh"))
     assert one_line_error(e, "stage1.pt was trained with rl_holdout=False", "rl_holdout=True", "--stages 1 --overwrite")
-    held = sr.main(tiny_args(root / "held", "--stages", "1,2,3", "--overwrite", "--rl-holdout"))
+    held = sr.main(tiny_args(root / "held", "--stages", "1,2,3", "--overwrite", "--rl-holdout", "--stage1-init", "fresh"))
     assert json.loads((root / "held" / "results.json").read_text())["config"]["rl_holdout"] is True
     for key in ("stage1", "stage2", "stage3"):
         assert 0 <= held[key]["test"]["recall@10"] <= 1
     with pytest.raises(SystemExit) as e:  # and the other way round
-        sr.main(tiny_args(root / "held", "--stages", "3", "--overwrite"))
+        sr.main(tiny_args(root / "held", "--stages", "3", "--overwrite", "--stage1-init", "fresh"))
     assert one_line_error(e, "stage2.pt was trained with rl_holdout=True", "rl_holdout=False")
 
 
