@@ -87,6 +87,7 @@ class Config:
     layers: int = 2  # Transformer layers (official default)
     heads: int = 2  # attention heads (official default)
     ffn: int = 256  # feed-forward inner size (official: 300 with D=256)
+    norm: str = "post"  # post: LN after each residual (official code, RecBole's SASRec) | pre: LN before each sublayer and once after the last layer (the SASRec paper, §III-B; Deviation from the official code)
     dropout: float = -1.0  # attention and hidden dropout; -1 = auto, per dataset (AUTO_PROFILES: 0.5 on short sparse data as the official code, 0.2 on ML-1M as SASRec)
     emb_dropout: float = 0.2  # dropout on every input token (official: hard-coded 0.2)
     tau: float = 0.0  # softmax temperature of every CE and of the InfoNCE; 0 = auto, per dataset (AUTO_PROFILES; Deviation: official default 0.07, not in the paper's grid)
@@ -202,6 +203,7 @@ def parse_args(argv=None):
         (cfg.heads >= 1, f"--heads must be >= 1, not {cfg.heads}"),
         (cfg.heads >= 1 and cfg.hidden > 0 and cfg.hidden % cfg.heads == 0, f"--hidden ({cfg.hidden}) must be a positive multiple of --heads ({cfg.heads})"),
         (cfg.layers >= 1 and cfg.ffn >= 1, "--layers and --ffn must be >= 1"),
+        (cfg.norm in ("post", "pre"), f"--norm must be post or pre, not {cfg.norm!r}"),
         ((0 <= cfg.dropout < 1 or cfg.dropout == -1) and 0 <= cfg.emb_dropout < 1, "dropouts must be in [0, 1) (--dropout -1: auto)"),
         (cfg.tau >= 0 and cfg.alpha > 0, "--tau must be > 0 (0: auto) and --alpha > 0"),
         (cfg.noise >= 0 and cfg.kl_weight >= 0, "--noise and --kl-weight must be >= 0"),
@@ -438,13 +440,19 @@ def attend(q, k, v, mask, k_own=None, v_own=None, dropout=None):
 
 
 class Layer(nn.Module):
-    """Post-LN Transformer layer, as in the official code (copied there from RecBole's SASRec):
-    x = LN(x + Dropout(W_o MHA(x)));  x = LN(x + Dropout(W_2 GELU(W_1 x)))."""
+    """One Transformer layer, in one of two LayerNorm placements (--norm):
+    post (official code, copied there from RecBole's SASRec):
+        x = LN(x + Dropout(W_o MHA(x)));  x = LN(x + Dropout(W_2 GELU(W_1 x)))
+    pre (the SASRec paper, §III-B: g(x) = x + Dropout(g(LN(x)))):
+        x = x + Dropout(W_o MHA(LN(x)));  x = x + Dropout(W_2 GELU(W_1 LN(x)))
+    Keys and values are computed from the same input as the queries (LN(x) in pre), so the KV
+    cache holds them for either placement."""
 
     def __init__(self, cfg):
         super().__init__()
         D = cfg.hidden
         self.heads = cfg.heads
+        self.pre = cfg.norm == "pre"
         self.qkv = nn.Linear(D, 3 * D)
         self.proj = nn.Linear(D, D)
         self.ln1 = nn.LayerNorm(D, eps=1e-12)
@@ -456,13 +464,16 @@ class Layer(nn.Module):
     def qkv_heads(self, x):
         """(B, T, D) -> q, k, v, each (B, H, T, dh)."""
         B, T, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=-1)
+        q, k, v = self.qkv(self.ln1(x) if self.pre else x).split(D, dim=-1)
         return [t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v)]
 
     def finish(self, x, ctx):
-        """Residual + LN around the attention output ctx (B, H, T, dh), then the FFN block."""
+        """Residual (+ LN) around the attention output ctx (B, H, T, dh), then the FFN block."""
         B, T, D = x.shape
         ctx = ctx.transpose(1, 2).reshape(B, T, D)  # (B, T, D)
+        if self.pre:
+            x = x + self.drop(self.proj(ctx))
+            return x + self.drop(self.ffn(self.ln2(x)))
         x = self.ln1(x + self.drop(self.proj(ctx)))
         return self.ln2(x + self.drop(self.ffn(x)))
 
@@ -485,6 +496,8 @@ class ReaRec(nn.Module):
         self.in_ln = nn.LayerNorm(D, eps=1e-12)  # applied to EVERY input token (official wrapper)
         self.in_drop = nn.Dropout(cfg.emb_dropout)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.layers))
+        # pre-LN leaves the residual stream unnormalised: one LN after the last layer (SASRec)
+        self.out_ln = nn.LayerNorm(D, eps=1e-12) if cfg.norm == "pre" else nn.Identity()
         self.apply(self._init)
 
     @staticmethod
@@ -522,7 +535,7 @@ class ReaRec(nn.Module):
             q, k, v = layer.qkv_heads(x)  # (B, H, L, dh) each
             cache.append((k, v))
             x = layer.finish(x, attend(q, k, v, mask, dropout=layer.attn_drop))
-        return x, cache, key_ok
+        return self.out_ln(x), cache, key_ok
 
     def reason(self, cache, key_ok, chain_pos, r0, steps, feed=None, noise=0.0):
         """ALGO LOGIC: K autoregressive reasoning steps (paper §3.1.2) with a KV cache.
@@ -559,7 +572,7 @@ class ReaRec(nn.Module):
                 ctx = attend(q, k_item, v_item, chain_mask, torch.stack(ks, 3), torch.stack(vs, 3),
                              dropout=layer.attn_drop)
                 x = layer.finish(x, ctx)
-            r = x
+            r = self.out_ln(x)
             states.append(r)
         return torch.stack(states, dim=2)  # (B, P, K+1, D)
 

@@ -729,12 +729,20 @@ def reference_states(model, items, K, bidirectional=False):
         allowed = torch.ones(T, T).tril().bool()
         if bidirectional:
             allowed[:n, :n] = True  # prefix mask: items both ways, reasoning tokens causal
+        pre = model.cfg.norm == "pre"
         for layer in model.layers:
-            q, kk, v = [t.view(T, H, D // H).transpose(0, 1) for t in layer.qkv(x).split(D, -1)]
+            h = layer.ln1(x) if pre else x
+            q, kk, v = [t.view(T, H, D // H).transpose(0, 1) for t in layer.qkv(h).split(D, -1)]
             att = (q @ kk.transpose(1, 2) / math.sqrt(D // H)).masked_fill(~allowed, float("-inf"))
             ctx = (att.softmax(-1) @ v).transpose(0, 1).reshape(T, D)
-            x = layer.ln1(x + layer.proj(ctx))
-            x = layer.ln2(x + layer.ffn(x))
+            if pre:  # x + Attn(LN(x)), x + FFN(LN(x)), one LN at the end
+                x = x + layer.proj(ctx)
+                x = x + layer.ffn(layer.ln2(x))
+            else:  # LN(x + Attn(x)), LN(x + FFN(x))
+                x = layer.ln1(x + layer.proj(ctx))
+                x = layer.ln2(x + layer.ffn(x))
+        if pre:
+            x = model.out_ln(x)
         states.append(x[-1])
         if k < K:
             rpe = model.reason_pos_emb.weight[k] if model.reason_pos_emb is not None else 0
@@ -753,10 +761,11 @@ def tiny_batch():
     return x, y
 
 
+@pytest.mark.parametrize("norm", ["post", "pre"])
 @pytest.mark.parametrize("backbone", ["sasrec", "bert4rec"])
 @pytest.mark.parametrize("method, K", [("base", 0), ("naive", 2), ("rpe", 1), ("prl", 3)])
-def test_cached_reasoning_equals_reencoding(backbone, method, K):
-    model = tiny_rearec(method, K, backbone)
+def test_cached_reasoning_equals_reencoding(backbone, method, K, norm):
+    model = tiny_rearec(method, K, backbone, norm=norm)
     items = torch.tensor([[0, 0] + SEQ])  # left-padded to max_len 8
     with torch.no_grad():
         R = model(items)[0]  # (K+1, D), KV cache
@@ -767,11 +776,11 @@ def test_cached_reasoning_equals_reencoding(backbone, method, K):
         torch.testing.assert_close(R[0], model.encode(items)[0][0, -1])
 
 
-@pytest.mark.parametrize("K", [0, 2])
-def test_every_position_pass_equals_each_prefix_alone(K):
+@pytest.mark.parametrize("K, norm", [(0, "post"), (2, "post"), (2, "pre")])
+def test_every_position_pass_equals_each_prefix_alone(K, norm):
     """Training reads all positions in one pass; position t must reason exactly as if the
     sequence ended at t (items <= t, its own reasoning tokens only)."""
-    model = tiny_rearec("rpe", K)
+    model = tiny_rearec("rpe", K, norm=norm)
     items = torch.tensor([[0, 0] + SEQ])
     with torch.no_grad():
         h, cache, key_ok = model.encode(items)
@@ -1360,6 +1369,7 @@ def test_cli_results_json_seed_and_resume(tmp_path):
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--warmup-steps", "-2"], "--warmup-steps >= -1"),
     (["--dtype", "float16"], "--dtype must be float32 or bfloat16"),
+    (["--norm", "sandwich"], "--norm must be post or pre"),
     (["--resume", "--overwrite"], "pass one of them"),
 ])
 def test_rearec_bad_flags_give_one_clear_line(tmp_path, args, message):
