@@ -127,6 +127,7 @@ class Config:
     resume: bool = False  # continue the run in --out from out/last.pt
     overwrite: bool = False  # start a new run in an --out that holds another one (its files are replaced once this run finishes its first epoch)
     benchmark: bool = False  # measure speed and memory (K=0 vs K=2) instead of training
+    oracle_runs: str = ""  # analysis instead of training: comma-separated folders of finished runs on --dataset; ranks with each run's own view, their ensemble and the per-case oracle over them (README "Is the oracle gap a signal?"); writes out/oracle_runs.json
     n_items: int = 0  # (derived at runtime)
 
 
@@ -315,7 +316,7 @@ def check_out(cfg):
     the run already in it unless --overwrite says so (--resume continues that run instead)."""
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         sys.exit(f"error: --out {cfg.out} is a file, not a folder; pass a folder path")
-    if cfg.benchmark:  # writes benchmark.json only, beside whatever the folder holds
+    if cfg.benchmark or cfg.oracle_runs:  # writes benchmark.json / oracle_runs.json only, beside whatever the folder holds
         return
     last = os.path.join(cfg.out, "last.pt")
     if cfg.resume and not os.path.exists(last):
@@ -1223,7 +1224,7 @@ class NonFiniteLoss(Exception):
 
 
 # Fields that may differ between a run and its --resume (everything else must match).
-RUN_ONLY = {"epochs", "patience", "resume", "device", "out", "benchmark", "eval_batch_size", "data_dir", "threads",
+RUN_ONLY = {"epochs", "patience", "resume", "device", "out", "benchmark", "oracle_runs", "eval_batch_size", "data_dir", "threads",
             "loss_chunk", "select_step", "selector_fit", "overwrite"}
 
 
@@ -1420,6 +1421,63 @@ def benchmark(cfg, ds, device):
     return res
 
 
+# -----------------------------------------------------------------------------
+# Is the oracle gap a signal? The same per-case oracle over independently trained runs
+# -----------------------------------------------------------------------------
+# The step oracle picks, per case and with the label, the best of K+1 rankings. Any K+1 rankings
+# that are each good and not identical give such a ceiling, useful disagreement or not. Setting
+# it beside the oracle over K+1 separately trained models (e.g. base with three seeds) says how
+# much of the step oracle's gain reasoning adds. Reconstructed: not in the paper.
+def oracle_over_runs(cfg, ds, device):
+    """Load the best.pt of each folder in --oracle-runs (finished runs on this dataset), rank the
+    validation and test cases with each run's own recommending view ("run0", "run1", ...), with
+    their ensemble ("ensemble": the mean of the runs' log-probabilities, each at its training
+    temperature) and with the per-case oracle over the runs. Prints and writes
+    out/oracle_runs.json."""
+    dirs = [d for d in cfg.oracle_runs.split(",") if d]
+    models = []
+    for d in dirs:
+        path = os.path.join(d, "best.pt")
+        if not os.path.exists(path):
+            sys.exit(f"error: --oracle-runs: no best.pt in {d}; pass the folders of finished runs")
+        ck = load_checkpoint(path, device, ("model", "config"))
+        c = Config(**{f.name: ck["config"].get(f.name, f.default) for f in dataclasses.fields(Config)})
+        if c.n_items != ds.n_items:
+            sys.exit(f"error: --oracle-runs: {d} was trained on {c.n_items} items, --dataset {cfg.dataset} has "
+                     f"{ds.n_items}; pass the dataset those runs were trained on")
+        model = ReaRec(c).to(device)
+        model.load_state_dict(ck["model"])
+        models.append((c, model.eval()))
+    names = [f"run{i}" for i in range(len(models))]
+    maxlen = max(c.max_len for c, _ in models)
+
+    def score_fn(hist):  # hist (B, L <= maxlen) -> {view: (B, N+1)}
+        views, logps = {}, []
+        for name, (c, model) in zip(names, models):
+            with autocast(c, device):
+                R = model(hist[:, -c.max_len:]).float()  # each run reads its own window
+            s = model.user_state(R) @ model.item_emb.weight.T  # (B, N+1)
+            views[name] = s
+            logps.append(F.log_softmax(s[:, 1:] / c.tau, dim=-1))  # (B, N), no PAD column
+        views["ensemble"] = F.pad(torch.stack(logps).mean(0), (1, 0))
+        return views
+
+    res = {"runs": dirs}
+    for split_name, split in (("valid", ds.valid), ("test", ds.test)):
+        res[split_name] = data.evaluate(score_fn, split, maxlen, device=device, batch_size=cfg.eval_batch_size,
+                                        mask_history=cfg.mask_history, oracle_of=names, trim=True)
+    best = max(res["test"][n]["ndcg@10"] for n in names)
+    for view, m in res["test"].items():
+        print(f"test {view:9s} | {fmt(m)} | ndcg@10 vs the best run {100 * (m['ndcg@10'] / best - 1):+.1f} %")
+    os.makedirs(cfg.out, exist_ok=True)
+    path = os.path.join(cfg.out, "oracle_runs.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")
+    return res
+
+
 def recommend_view(valid, cfg):
     """--select-step -> the view whose metrics are the run's "valid" / "test": own = the method's
     rule; auto = the best validation --select-metric among every view but the oracle."""
@@ -1522,6 +1580,8 @@ def run(cfg, device):
           f"(expected value), select on valid {cfg.select_metric}")
     if cfg.benchmark:
         return benchmark(cfg, ds, device)
+    if cfg.oracle_runs:
+        return oracle_over_runs(cfg, ds, device)
     os.makedirs(cfg.out, exist_ok=True)
     model = ReaRec(cfg).to(device)
     print(f"{cfg.method} | K={cfg.steps} | {sum(p.numel() for p in model.parameters()):,} parameters")

@@ -1519,6 +1519,32 @@ def test_benchmark_command_reports_every_row(tmp_path):
     assert all(0.05 < r["peak_rss_gb"] < 64 for r in res["train"] + res["eval"])
 
 
+def test_oracle_over_runs_reads_each_run_as_its_own_evaluation(tmp_path):
+    """--oracle-runs: each run's view scores as the run's own final test; a run paired with
+    itself gives an ensemble and an oracle equal to it; two runs give an oracle >= each."""
+    a = rearec.main(tiny_rearec_args(tmp_path, "a", "--method", "erl", "--steps", "2"))
+    b = rearec.main(tiny_rearec_args(tmp_path, "b", "--seed", "1", "--max-len", "12"))
+    syn = synthetic_file(tmp_path, 200)
+    same = rearec.main(["--dataset", syn, "--oracle-runs", f"{tmp_path / 'a'},{tmp_path / 'a'}", "--out", str(tmp_path / "o1")])
+    for view in ("run0", "run1", "ensemble", "oracle"):
+        for m in ("ndcg@10", "recall@20", "mrr"):
+            tol = 1e-5 if view == "ensemble" else 1e-9  # log_softmax rounds a few near-ties differently
+            assert same["test"][view][m] == pytest.approx(a["test"][m], abs=tol), (view, m)
+    two = rearec.main(["--dataset", syn, "--oracle-runs", f"{tmp_path / 'a'},{tmp_path / 'b'}", "--out", str(tmp_path / "o2")])
+    assert two["test"]["run1"]["ndcg@10"] == pytest.approx(b["test"]["ndcg@10"], abs=1e-9)  # its own window, 12
+    saved = json.loads((tmp_path / "o2" / "oracle_runs.json").read_text())["test"]
+    assert {v: saved[v]["ndcg@10"] for v in saved} == pytest.approx({v: two["test"][v]["ndcg@10"] for v in two["test"]})
+    for m in ("ndcg@10", "recall@10", "mrr"):
+        assert two["test"]["oracle"][m] >= max(two["test"]["run0"][m], two["test"]["run1"][m])
+        assert two["test"]["oracle"][m] > min(two["test"]["run0"][m], two["test"]["run1"][m])
+    with pytest.raises(SystemExit) as e:
+        rearec.main(["--dataset", syn, "--oracle-runs", str(tmp_path / "none"), "--out", str(tmp_path / "o3")])
+    assert one_line_error(e, "--oracle-runs: no best.pt in", "finished runs")
+    with pytest.raises(SystemExit) as e:
+        rearec.main(["--dataset", synthetic_file(tmp_path, 100), "--oracle-runs", str(tmp_path / "a"), "--out", str(tmp_path / "o3")])
+    assert one_line_error(e, "--oracle-runs:", "items", "pass the dataset those runs were trained on")
+
+
 @pytest.mark.parametrize("method, fix", [("erl", "--kl-weight"), ("prl", "--lr")])
 def test_divergence_is_a_clear_error(tmp_path, method, fix):
     # An absurd learning rate makes the weights overflow within two steps; the run must stop at
