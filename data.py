@@ -34,6 +34,7 @@ Datasets (name -> what is downloaded; defaults of the preprocessing in DEFAULTS 
                            lines, CSV/TSV with a header, MovieLens `::` files, Amazon JSON lines
 """
 import argparse
+import atexit
 import ast
 import csv
 import gzip
@@ -44,6 +45,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
@@ -1096,6 +1098,77 @@ def evaluate(score_fn, split, maxlen, *, device="cpu", batch_size=256, ks=KS, ma
                                     "views": {name: [{m: float(v[i]) / size[i] for m, v in ms.items()} for i in range(len(ranges))]
                                               for name, ms in gsums[gname].items()}}
     return res
+
+
+# -----------------------------------------------------------------------------
+# Run folders: one run at a time per --out (both scripts)
+# -----------------------------------------------------------------------------
+def lock_owner(lock):
+    """The pid (text) of the live run that holds `lock`, or None if that run no longer exists."""
+    try:
+        with open(lock) as f:
+            pid, host = f.read().split()
+        pid = int(pid)
+    except FileNotFoundError:  # released meanwhile
+        return None
+    except (OSError, ValueError):  # empty or garbled: a run killed as it wrote it, unless just made
+        try:
+            return "unknown, just started" if time.time() - os.path.getmtime(lock) < 10 else None
+        except OSError:
+            return None
+    if host != socket.gethostname() or os.name == "nt":
+        return f"{pid} on {host}"  # no cheap check of another machine's (or Windows') processes
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # it exists, under another user
+        pass
+    return str(pid)
+
+
+def lock_out(out):
+    """Create --out and lock it for this run: out/.lock holds "pid host" and is created atomically
+    (O_EXCL), so a second run into the folder stops with one line instead of mixing its files in.
+    A lock whose run is gone (SIGKILL, a crash) is stale: removed, with a notice. Returns the lock
+    path; main() releases it on every way out (finally; atexit as a backstop)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create --out {out} ({e.strerror}); pick a folder you can write to")
+    lock = os.path.join(out, ".lock")
+    for _ in range(3):  # a retry follows the removal of a stale lock
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = lock_owner(lock)
+            if owner is not None:
+                raise DataError(f"{out} is in use by another run (pid {owner}); wait for it or use "
+                                f"another --out (if no run uses it, delete {lock})")
+            print(f"note: removed the stale lock {lock}: the run that made it no longer exists")
+            try:
+                os.remove(lock)
+            except FileNotFoundError:
+                pass
+            continue
+        except OSError as e:
+            raise DataError(f"cannot write to --out {out} ({e.strerror}); pick a folder you can write to")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        atexit.register(release_lock, lock)
+        return lock
+    raise DataError(f"could not lock {out}: other runs keep taking it; use another --out")
+
+
+def release_lock(lock):
+    """Remove this process's lock (never one that another run holds); safe to call twice."""
+    try:
+        with open(lock) as f:
+            mine = f.read().split()[:1] == [str(os.getpid())]
+        if mine:
+            os.remove(lock)
+    except OSError:
+        pass
 
 
 # -----------------------------------------------------------------------------

@@ -40,7 +40,6 @@ Shapes: B batch, L history window, P reasoning chains per row (L when training e
     1 at inference), K steps, D hidden, H heads, N items (+1 PAD column at index 0).
 """
 import argparse
-import atexit
 import copy
 import ctypes
 import dataclasses
@@ -52,7 +51,6 @@ import os
 import random
 import re
 import resource
-import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -325,74 +323,6 @@ def check_out(cfg):
     if found and not (cfg.resume or cfg.overwrite):
         sys.exit(f"error: {cfg.out} holds another run ({', '.join(found)}); continue it with --resume, "
                  f"replace it with --overwrite, or use a new --out")
-
-
-def lock_owner(lock):
-    """The pid (text) of the live run that holds `lock`, or None if that run no longer exists."""
-    try:
-        with open(lock) as f:
-            pid, host = f.read().split()
-        pid = int(pid)
-    except FileNotFoundError:  # released meanwhile
-        return None
-    except (OSError, ValueError):  # empty or garbled: a run killed as it wrote it, unless just made
-        try:
-            return "unknown, just started" if time.time() - os.path.getmtime(lock) < 10 else None
-        except OSError:
-            return None
-    if host != socket.gethostname() or os.name == "nt":
-        return f"{pid} on {host}"  # no cheap check of another machine's (or Windows') processes
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # it exists, under another user
-        pass
-    return str(pid)
-
-
-def lock_out(out):
-    """Create --out and lock it for this run: out/.lock holds "pid host" and is created atomically
-    (O_EXCL), so a second run into the folder stops with one line instead of mixing its files in.
-    A lock whose run is gone (SIGKILL, a crash) is stale: removed, with a notice. Returns the lock
-    path; main() releases it on every way out (finally; atexit as a backstop)."""
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        sys.exit(f"error: cannot create --out {out} ({e.strerror}); pick a folder you can write to")
-    lock = os.path.join(out, ".lock")
-    for _ in range(3):  # a retry follows the removal of a stale lock
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = lock_owner(lock)
-            if owner is not None:
-                sys.exit(f"error: {out} is in use by another run (pid {owner}); wait for it or use "
-                         f"another --out (if no run uses it, delete {lock})")
-            print(f"note: removed the stale lock {lock}: the run that made it no longer exists")
-            try:
-                os.remove(lock)
-            except FileNotFoundError:
-                pass
-            continue
-        except OSError as e:
-            sys.exit(f"error: cannot write to --out {out} ({e.strerror}); pick a folder you can write to")
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
-        atexit.register(release_lock, lock)
-        return lock
-    sys.exit(f"error: could not lock {out}: other runs keep taking it; use another --out")
-
-
-def release_lock(lock):
-    """Remove this process's lock (never one that another run holds); safe to call twice."""
-    try:
-        with open(lock) as f:
-            mine = f.read().split()[:1] == [str(os.getpid())]
-        if mine:
-            os.remove(lock)
-    except OSError:
-        pass
 
 
 def remove_old_run(out):
@@ -1541,7 +1471,10 @@ def main(argv=None):
         sys.exit(f"error: --dtype bfloat16 needs a CUDA GPU with bf16 or a CPU with native bf16 "
                  f"(AVX512-BF16 or AMX); this {device.type} has none, use --dtype float32")
     check_out(cfg)
-    lock = lock_out(cfg.out)
+    try:
+        lock = data.lock_out(cfg.out)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
     try:
         return run(cfg, device)
     except KeyboardInterrupt as e:
@@ -1553,7 +1486,7 @@ def main(argv=None):
             raise
         sys.exit(f"error: {line}")
     finally:
-        release_lock(lock)
+        data.release_lock(lock)
 
 
 def run(cfg, device):

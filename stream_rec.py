@@ -61,7 +61,6 @@ Shapes: B histories, L = max_len history items, M SID tokens per item, S = L*M e
     rollouts, candidates), D = d_model, V vocabulary, N items, F item-feature dimension.
 """
 import argparse
-import atexit
 import copy
 import dataclasses
 import inspect
@@ -70,7 +69,6 @@ import math
 import os
 import random
 import re
-import socket
 import sys
 import time
 import types
@@ -417,74 +415,6 @@ def check_out(cfg, keys):
     if found:
         raise RunError(f"{cfg.out} already holds {', '.join(found)} from another run of these stages; "
                        f"continue it with --resume, rerun the stages with --overwrite, or use a new --out")
-
-
-def lock_owner(lock):
-    """The pid (text) of the live run that holds `lock`, or None if that run no longer exists."""
-    try:
-        with open(lock) as f:
-            pid, host = f.read().split()
-        pid = int(pid)
-    except FileNotFoundError:  # released meanwhile
-        return None
-    except (OSError, ValueError):  # empty or garbled: a run killed as it wrote it, unless just made
-        try:
-            return "unknown, just started" if time.time() - os.path.getmtime(lock) < 10 else None
-        except OSError:
-            return None
-    if host != socket.gethostname() or os.name == "nt":
-        return f"{pid} on {host}"  # no cheap check of another machine's (or Windows') processes
-    try:
-        os.kill(pid, 0)  # signal 0 only asks whether the process exists
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # it exists, under another user
-        pass
-    return str(pid)
-
-
-def lock_out(out):
-    """Create --out and lock it for this run: out/.lock holds "pid host" and is created atomically
-    (O_EXCL), so a second run into the folder stops with one line instead of mixing its files in.
-    A lock whose run is gone (SIGKILL, a crash) is stale: removed, with a notice. Returns the lock
-    path; main() releases it on every way out (finally; atexit as a backstop)."""
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"cannot create --out {out} ({e.strerror}); pick a folder you can write to")
-    lock = os.path.join(out, ".lock")
-    for _ in range(3):  # a retry follows the removal of a stale lock
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = lock_owner(lock)
-            if owner is not None:
-                raise RunError(f"{out} is in use by another run (pid {owner}); wait for it or use "
-                               f"another --out (if no run uses it, delete {lock})")
-            print(f"note: removed the stale lock {lock}: the run that made it no longer exists")
-            try:
-                os.remove(lock)
-            except FileNotFoundError:
-                pass
-            continue
-        except OSError as e:
-            raise RunError(f"cannot write to --out {out} ({e.strerror}); pick a folder you can write to")
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()} {socket.gethostname()}\n")
-        atexit.register(release_lock, lock)
-        return lock
-    raise RunError(f"could not lock {out}: other runs keep taking it; use another --out")
-
-
-def release_lock(lock):
-    """Remove this process's lock (never one that another run holds); safe to call twice."""
-    try:
-        with open(lock) as f:
-            mine = f.read().split()[:1] == [str(os.getpid())]
-        if mine:
-            os.remove(lock)
-    except OSError:
-        pass
 
 
 def peak_rss_mib():
@@ -2116,7 +2046,7 @@ def main(argv=None) -> dict:
         device = pick_device(cfg.device)
         keys = [key for flag, key in STAGES.items() if flag in [s.strip() for s in cfg.stages.split(",")]]
         check_out(cfg, keys)
-        lock = lock_out(cfg.out)
+        lock = data.lock_out(cfg.out)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         print(f"STREAM-Rec | device {device} | torch {torch.__version__} | float32 | seed {cfg.seed}")
@@ -2199,7 +2129,7 @@ def main(argv=None) -> dict:
         sys.exit(f"error: {line}")
     finally:
         if lock:
-            release_lock(lock)
+            data.release_lock(lock)
 
 
 if __name__ == "__main__":
