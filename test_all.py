@@ -1306,7 +1306,8 @@ def test_each_method_learns_the_synthetic_data(tmp_path, method):
 
 def test_cli_results_json_seed_and_resume(tmp_path):
     path = synthetic_file(tmp_path, 200)
-    common = ["--dataset", path, "--method", "prl", "--hidden", "16", "--warmup", "0", "--batch-size", "64", "--max-len", "20"]
+    common = ["--dataset", path, "--method", "prl", "--hidden", "16", "--warmup", "0", "--batch-size", "64", "--max-len", "20",
+              "--select-step", "own"]  # the paper's rule (r_K); --select-step auto is checked at the end
     a = rearec.main(common + ["--epochs", "2", "--out", str(tmp_path / "a")])
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
     for key in ("config", "dataset", "valid", "test", "per_step", "oracle", "epochs", "train_seconds", "eval_seconds"):
@@ -1343,7 +1344,7 @@ def test_cli_results_json_seed_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "cot"], "--method must be one of"),
+    (["--method", "cot"], "--method must be auto or one of"),
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--hidden", "30", "--heads", "4"], "multiple of --heads"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
@@ -2712,14 +2713,31 @@ def test_every_stage2_and_stage3_option_runs(tiny_run, flags):
     assert "ll_gain" in res["stage2"]["history"][0]["diag"]
 
 
+def test_recommend_view_auto_is_the_best_validation_view():
+    """--select-step auto: the best validation view, never the oracle; a tie keeps the own view
+    (base's r_0 is both); own and a named view are taken as given; an absent view is one line."""
+    cfg = rearec.parse_args(["--select-step", "auto"])
+    valid = {"main": {"ndcg@20": 0.10}, "step0": {"ndcg@20": 0.10}, "mean": {"ndcg@20": 0.05},
+             "oracle": {"ndcg@20": 0.50}, "groups": {}}
+    assert rearec.recommend_view(valid, cfg) == "main"
+    valid["learned-mix"] = {"ndcg@20": 0.12}
+    assert rearec.recommend_view(valid, cfg) == "learned-mix"
+    assert rearec.recommend_view(valid, rearec.parse_args(["--select-step", "own"])) == "main"
+    assert rearec.recommend_view(valid, rearec.parse_args(["--select-step", "mean"])) == "mean"
+    with pytest.raises(SystemExit, match="not a view of this run"):
+        rearec.recommend_view(valid, rearec.parse_args(["--select-step", "step3"]))
+
+
 def test_auto_settings_follow_the_sequence_length():
-    """--max-len 0, --tau 0 and --dropout -1 take the long (> 100 items) or short profile; values
-    given on the command line stay as given."""
+    """--method auto, --max-len 0, --tau 0 and --dropout -1 take the long (> 100 items) or short
+    profile; values given on the command line stay as given; base (auto or given) runs no steps."""
     long = rearec.resolve_auto(rearec.parse_args([]), avg_len=165.5, verbose=False)
     short = rearec.resolve_auto(rearec.parse_args([]), avg_len=8.6, verbose=False)
     for cfg, name in [(long, "long"), (short, "short")]:
-        assert {k: getattr(cfg, k) for k in ("max_len", "tau", "dropout")} == rearec.AUTO_PROFILES[name]
+        assert {k: getattr(cfg, k) for k in ("method", "max_len", "tau", "dropout")} == rearec.AUTO_PROFILES[name]
     assert long.tau != short.tau or long.dropout != short.dropout  # the profiles differ
-    given = rearec.resolve_auto(rearec.parse_args(["--tau", "0.3", "--dropout", "0.0", "--max-len", "7"]),
-                                avg_len=165.5, verbose=False)
-    assert (given.tau, given.dropout, given.max_len) == (0.3, 0.0, 7)
+    assert (long.method, long.steps) == ("base", 0) and (short.method, short.steps) == ("prl", 2)
+    given = rearec.resolve_auto(rearec.parse_args(["--tau", "0.3", "--dropout", "0.0", "--max-len", "7",
+                                                   "--method", "erl", "--steps", "3"]), avg_len=165.5, verbose=False)
+    assert (given.tau, given.dropout, given.max_len, given.method, given.steps) == (0.3, 0.0, 7, "erl", 3)
+    assert rearec.resolve_auto(rearec.parse_args(["--method", "base"]), avg_len=8.6, verbose=False).steps == 0
