@@ -2730,14 +2730,17 @@ def test_recommend_view_auto_is_the_best_validation_view():
 
 def test_auto_settings_follow_the_sequence_length():
     """--method auto, --max-len 0, --tau 0 and --dropout -1 take the long (> 100 items) or short
-    profile; values given on the command line stay as given; base (auto or given) runs no steps."""
-    long = rearec.resolve_auto(rearec.parse_args([]), avg_len=165.5, verbose=False)
-    short = rearec.resolve_auto(rearec.parse_args([]), avg_len=8.6, verbose=False)
+    profile, or the demo's on the built-in synthetic data; values given on the command line stay as
+    given; base (auto or given) runs no steps."""
+    long = rearec.resolve_auto(rearec.parse_args(["--dataset", "ml-1m"]), avg_len=165.5, verbose=False)
+    short = rearec.resolve_auto(rearec.parse_args(["--dataset", "toys.txt"]), avg_len=8.6, verbose=False)
     for cfg, name in [(long, "long"), (short, "short")]:
         assert {k: getattr(cfg, k) for k in ("method", "max_len", "tau", "dropout")} == rearec.AUTO_PROFILES[name]
     assert long.tau != short.tau or long.dropout != short.dropout  # the profiles differ
     assert (long.method, long.steps) == ("base", 0) and (short.method, short.steps) == ("prl", 2)
-    given = rearec.resolve_auto(rearec.parse_args(["--tau", "0.3", "--dropout", "0.0", "--max-len", "7",
+    given = rearec.resolve_auto(rearec.parse_args(["--dataset", "ml-1m", "--tau", "0.3", "--dropout", "0.0", "--max-len", "7",
                                                    "--method", "erl", "--steps", "3"]), avg_len=165.5, verbose=False)
     assert (given.tau, given.dropout, given.max_len, given.method, given.steps) == (0.3, 0.0, 7, "erl", 3)
-    assert rearec.resolve_auto(rearec.parse_args(["--method", "base"]), avg_len=8.6, verbose=False).steps == 0
+    assert rearec.resolve_auto(rearec.parse_args(["--dataset", "toys.txt", "--method", "base"]), avg_len=8.6, verbose=False).steps == 0
+    demo = rearec.resolve_auto(rearec.parse_args(["--dataset", "synthetic"]), avg_len=24.5, verbose=False)
+    assert demo.method == "base" and (demo.tau, demo.dropout, demo.max_len) == (short.tau, short.dropout, short.max_len)
