@@ -125,7 +125,7 @@ class Config:
     resume: bool = False  # continue the run in --out from out/last.pt
     overwrite: bool = False  # start a new run in an --out that holds another one (its files are replaced once this run finishes its first epoch)
     benchmark: bool = False  # measure speed and memory (K=0 vs K=2) instead of training
-    oracle_runs: str = ""  # analysis instead of training: comma-separated folders of finished runs on --dataset; ranks with each run's own view, their ensemble and the per-case oracle over them (README "Is the oracle gap a signal?"); writes out/oracle_runs.json
+    oracle_runs: str = ""  # analysis instead of training: comma-separated folders of finished runs on --dataset; ranks with each run's own view (the method's rule, as --select-step own), their ensemble and the per-case oracle over them (README "Is the oracle gap a signal?"); writes out/oracle_runs.json
     n_items: int = 0  # (derived at runtime)
 
 

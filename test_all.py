@@ -1523,8 +1523,9 @@ def test_benchmark_command_reports_every_row(tmp_path):
 def test_oracle_over_runs_reads_each_run_as_its_own_evaluation(tmp_path):
     """--oracle-runs: each run's view scores as the run's own final test; a run paired with
     itself gives an ensemble and an oracle equal to it; two runs give an oracle >= each."""
-    a = rearec.main(tiny_rearec_args(tmp_path, "a", "--method", "erl", "--steps", "2"))
-    b = rearec.main(tiny_rearec_args(tmp_path, "b", "--seed", "1", "--max-len", "12"))
+    own = ["--select-step", "own"]  # --oracle-runs ranks with each run's own rule
+    a = rearec.main(tiny_rearec_args(tmp_path, "a", "--method", "erl", "--steps", "2", *own))
+    b = rearec.main(tiny_rearec_args(tmp_path, "b", "--seed", "1", "--max-len", "12", *own))
     syn = synthetic_file(tmp_path, 200)
     same = rearec.main(["--dataset", syn, "--oracle-runs", f"{tmp_path / 'a'},{tmp_path / 'a'}", "--out", str(tmp_path / "o1")])
     for view in ("run0", "run1", "ensemble", "oracle"):
