@@ -107,6 +107,7 @@ class Config:
     epochs: int = 0  # maximum epochs; 0 = auto: 20 on the built-in synthetic data (a 1-3 min demo), else 200 (official: 300; early stopping ends runs long before)
     patience: int = 10  # early stopping: epochs without a better validation score, >= 1 (official: 10)
     select_metric: str = "ndcg@20"  # validation metric for model selection (official: NDCG@20)
+    epoch_view: str = "own"  # the validation view that picks the best epoch (best.pt, early stopping): own (the method's rule; official) | steps (the best of own and each step r_0..r_K that epoch; Deviation, opt-in: for --select-step auto, which often recommends with an early step)
     selector_fit: str = "valid"  # cases the learned step selector is fitted on: valid (held out; test never) | train (random training positions)
     select_step: str = "auto"  # the view that recommends in the final evaluation: auto (the best on validation: on Toys PRL r_0 or learned-mix, not its last step, README "Tuning"; Deviation: the paper recommends with its own rule) | own (the paper's rule: ERL mean, else r_K) | stepK | entropy | mean | halt0.5 | halt0.8 | learned | learned-mix
     batch_size: int = 64  # users per batch; every position of a user is a target (ML-1M: ~7,000 per step; official: 2,048 rows). 64, not SASRec's 128: K=2 triples the tokens, and ML-1M at L=200 stays under 3 GB
@@ -236,6 +237,7 @@ def parse_args(argv=None):
          f"--select-step must be own, auto, stepK, entropy, mean, {', '.join(f'halt{t}' for t in HALT_THRESHOLDS)}, "
          f"learned or learned-mix, not {cfg.select_step!r}"),
         (cfg.selector_fit in ("valid", "train"), f"--selector-fit must be valid or train, not {cfg.selector_fit!r}"),
+        (cfg.epoch_view in ("own", "steps"), f"--epoch-view must be own or steps, not {cfg.epoch_view!r}"),
         (cfg.select_metric in [f"{m}@{k}" for m in ("ndcg", "recall", "mrr") for k in data.KS] + ["mrr"],
          f"--select-metric must be ndcg@k, recall@k or mrr@k with k in {data.KS}, or mrr"),
     ]:
@@ -1090,7 +1092,7 @@ def choose_selector(valid, cfg):
 # -----------------------------------------------------------------------------
 # Evaluation (the shared full-ranking protocol of data.py)
 # -----------------------------------------------------------------------------
-def evaluate(model, split, cfg, device, analysis=False, selector=None, groups=None, held_out=False):
+def evaluate(model, split, cfg, device, analysis=False, selector=None, groups=None, held_out=False, per_step=False):
     """Full-ranking metrics of the model's recommendation state (ERL: mean, else r_K).
 
     analysis=True adds one view per reasoning step r_0..r_K, the step selectors (step_views) and
@@ -1099,6 +1101,7 @@ def evaluate(model, split, cfg, device, analysis=False, selector=None, groups=No
     formula and the code has none, this is its "post-hoc optimal reasoning step" read per test
     case). groups: data.case_groups(...) for per-quartile metrics (paper Fig. 4). held_out: score
     each case with the CrossFitSelector head not fitted on it (the validation evaluation).
+    per_step=True (--epoch-view steps, every epoch): the own view and each step alone, no more.
     Returns {metric: v} or {"main"/"step0"/.../"oracle": {metric: v}, "groups": ...}.
     """
     model.eval()
@@ -1110,6 +1113,8 @@ def evaluate(model, split, cfg, device, analysis=False, selector=None, groups=No
         with autocast(cfg, device):
             R = model(hist)  # (B, K+1, D)
         R = R.float()
+        if per_step:  # {own, r_0, ..., r_K}: (B, N+1) each
+            return {"main": model.user_state(R) @ E.T} | {f"step{k}": R[:, k] @ E.T for k in range(R.shape[1])}
         if not analysis:
             return model.user_state(R) @ E.T  # (B, N+1); tau does not change a ranking
         return step_views(model, R, cfg, selector, lengths=(hist != data.PAD).sum(1), folds=case_fold(hist))
@@ -1228,9 +1233,15 @@ def train(cfg, model, ds, device):
                 count += n
             train_time = time.time() - t0
             t1 = time.time()
-            valid = evaluate(model, ds.valid, cfg, device)
+            if cfg.epoch_view == "steps" and cfg.steps > 0:  # select the epoch on its best view
+                views = evaluate(model, ds.valid, cfg, device, per_step=True)
+                best_view = max(views, key=lambda v: views[v][cfg.select_metric])  # a tie keeps "main"
+                score = views[best_view][cfg.select_metric]
+                valid = views["main"] | {f"{v}_{cfg.select_metric}": m[cfg.select_metric] for v, m in views.items() if v != "main"}
+            else:
+                best_view, valid = None, evaluate(model, ds.valid, cfg, device)
+                score = valid[cfg.select_metric]
             eval_time = time.time() - t1
-            score = valid[cfg.select_metric]
             state["epoch"], state["train_seconds"] = epoch, state["train_seconds"] + train_time
             if epoch == 1:  # a new run (--overwrite): the old run's files go now, not before
                 remove_old_run(cfg.out)
@@ -1250,7 +1261,8 @@ def train(cfg, model, ds, device):
             saved = copy.deepcopy(state)
             eta = (cfg.epochs - epoch) * (state["train_seconds"] + eval_time * epoch) / epoch
             terms_txt = " ".join(f"{k} {v:.4f}" for k, v in losses.items() if k != "loss")
-            print(f"ep {epoch:3d} | loss {losses.get('loss', 0):.4f} ({terms_txt}) | valid {fmt(valid)} | "
+            chosen = f" | {best_view} {score:.4f}" if best_view else ""
+            print(f"ep {epoch:3d} | loss {losses.get('loss', 0):.4f} ({terms_txt}) | valid {fmt(valid)}{chosen} | "
                   f"{n_rows / train_time:,.0f} seq/s, {count / train_time:,.0f} targets/s | "
                   f"train {train_time:.1f}s eval {eval_time:.1f}s | best {state['best']:.4f} @ep"
                   f"{state['best_epoch']}{' *' if state['bad_epochs'] == 0 else ''} | eta <= {eta / 60:.1f} min",

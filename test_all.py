@@ -1345,6 +1345,7 @@ def test_cli_results_json_seed_and_resume(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--method", "cot"], "--method must be auto or one of"),
+    (["--epoch-view", "oracle"], "--epoch-view must be own or steps"),
     (["--steps", "-1"], "--steps must be >= 0"),
     (["--hidden", "30", "--heads", "4"], "multiple of --heads"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
@@ -2712,6 +2713,61 @@ def test_every_stage2_and_stage3_option_runs(tiny_run, flags):
     for key in ("stage2", "stage3"):
         assert 0 <= res[key]["test"]["recall@10"] <= 1 and math.isfinite(res[key]["history"][-1]["train"]["loss"])
     assert "ll_gain" in res["stage2"]["history"][0]["diag"]
+
+
+def test_epoch_view_steps_picks_the_epoch_on_the_best_step(tmp_path):
+    """--epoch-view steps: each epoch logs every step's validation score, and the best epoch is
+    the one whose best view (own or any r_k) scores highest; the per-epoch step views equal the
+    final analysis's. --epoch-view own picks on the own view alone."""
+    args = tiny_rearec_args(tmp_path, "s", "--method", "prl", "--epochs", "4", "--epoch-view", "steps",
+                            "--select-step", "own")
+    res = rearec.main(args)
+    key = "ndcg@20"
+    best = [max([h[f"valid_{key}"]] + [h[f"valid_step{k}_{key}"] for k in range(3)]) for h in res["history"]]
+    assert res["best_epoch"] == 1 + int(np.argmax(best))
+    cfg = rearec.parse_args(args)
+    cfg.n_items = 400
+    ds = data.load_dataset(cfg.dataset, verbose=False)
+    rearec.resolve_auto(cfg, ds.stats["avg_len"], verbose=False)
+    model = rearec.ReaRec(cfg)
+    model.load_state_dict(torch.load(tmp_path / "s" / "best.pt", weights_only=False)["model"])
+    quick = rearec.evaluate(model, ds.valid, cfg, "cpu", per_step=True)
+    full = rearec.evaluate(model, ds.valid, cfg, "cpu", analysis=True)
+    for v in ("main", "step0", "step1", "step2"):
+        assert quick[v][key] == pytest.approx(full[v][key], abs=1e-12)
+    assert max(quick[v][key] for v in quick) == pytest.approx(best[res["best_epoch"] - 1], abs=1e-12)
+    own = rearec.main(tiny_rearec_args(tmp_path, "o", "--method", "prl", "--epochs", "4", "--select-step", "own"))
+    assert own["best_epoch"] == 1 + int(np.argmax([h[f"valid_{key}"] for h in own["history"]]))
+    assert "valid_step0_ndcg@20" not in own["history"][0]
+
+
+def test_epoch_view_decides_the_best_epoch(tmp_path, monkeypatch):
+    """Scripted validation scores: the own view peaks at epoch 1, r_0 at epoch 3. --epoch-view own
+    keeps epoch 1, --epoch-view steps epoch 3 (and stops one epoch later at --patience 1 than own
+    would at patience 2)."""
+    own_scores, step0_scores = [0.30, 0.20, 0.10, 0.05], [0.10, 0.35, 0.40, 0.35]
+    calls = []
+
+    def scripted(model, split, cfg, device, per_step=False, **kw):
+        e = len(calls)
+        calls.append(per_step)
+        m = lambda x: {k: x for k in ("ndcg@10", "recall@10", "ndcg@20", "recall@20", "mrr")}  # noqa: E731
+        if not per_step:
+            return m(own_scores[e])
+        return {"main": m(own_scores[e]), "step0": m(step0_scores[e]), "step1": m(0.0), "step2": m(0.0)}
+
+    monkeypatch.setattr(rearec, "evaluate", scripted)
+    ds = data.load_dataset(synthetic_file(tmp_path, 100), verbose=False)
+    for view, patience, best, epochs in [("own", 2, 1, 3), ("steps", 1, 3, 4)]:
+        calls.clear()
+        cfg = rearec.parse_args(tiny_rearec_args(tmp_path, view, "--method", "prl", "--epochs", "4",
+                                                 "--epoch-view", view, "--patience", str(patience)))
+        cfg.n_items = ds.n_items
+        rearec.resolve_auto(cfg, ds.stats["avg_len"], verbose=False)
+        os.makedirs(cfg.out, exist_ok=True)
+        info = rearec.train(cfg, rearec.ReaRec(cfg), ds, torch.device("cpu"))
+        assert (info["best_epoch"], info["epoch"]) == (best, epochs), view
+        assert calls == [view == "steps"] * epochs
 
 
 def test_recommend_view_auto_is_the_best_validation_view():
