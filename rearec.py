@@ -22,10 +22,10 @@ Omits: the text-based backbones (UniSRec, MoRec: LLaMA features, not released).
 
 Run:
     python rearec.py --method erl                        # synthetic data, ERL, K=2: ~1-3 min on CPU
-    python rearec.py                                     # plain SASRec (the default, --method base)
+    python rearec.py                                     # the defaults: plain SASRec on this demo (--method auto)
     python rearec.py --dataset ml-1m --device cuda       # ML-1M, downloaded into ./data once
     python rearec.py --dataset path/to/ml-1m.txt --benchmark   # speed and memory, K=0 vs K=2
-    for K in 1 2 3 4 5; do python rearec.py --steps $K --out runs/k$K; done   # the K sweep (Fig. 5) ...
+    for K in 1 2 3 4 5; do python rearec.py --method prl --steps $K --out runs/k$K; done  # the K sweep (Fig. 5) ...
     python data.py --report runs --views && python data.py --plot runs     # ... as a table and figures
 
 Notation (paper -> code):
@@ -524,8 +524,9 @@ class ReaRec(nn.Module):
         return self.reason(cache, key_ok, last, h[:, -1:], self.cfg.steps)[:, 0]
 
     def user_state(self, R):
-        """The representation that ranks items: the mean over steps for ERL (paper §3.2), r_K for
-        every other method (PRL: "inference uses the last step", paper §3.3)."""
+        """The method's own view (the paper's rule, --select-step own): the mean over steps for ERL
+        (paper §3.2), r_K for every other method (PRL: "inference uses the last step", paper §3.3).
+        The final evaluation may recommend with another view: recommend_view, --select-step auto."""
         return R.mean(dim=-2) if self.cfg.method == "erl" else R[..., -1, :]
 
 
@@ -1093,7 +1094,7 @@ def choose_selector(valid, cfg):
 # Evaluation (the shared full-ranking protocol of data.py)
 # -----------------------------------------------------------------------------
 def evaluate(model, split, cfg, device, analysis=False, selector=None, groups=None, held_out=False, per_step=False):
-    """Full-ranking metrics of the model's recommendation state (ERL: mean, else r_K).
+    """Full-ranking metrics of the model's own view (user_state: ERL mean, else r_K).
 
     analysis=True adds one view per reasoning step r_0..r_K, the step selectors (step_views) and
     the "oracle": per case the step that ranks the target best, chosen with the label: the
