@@ -937,8 +937,9 @@ def case_features(lengths, overlap, entropy):
     return torch.stack([torch.log1p(lengths.float()), overlap[:, 0], overlap[:, -1], entropy.mean(1)], dim=1)
 
 
-def step_views(model, R, cfg, selector=None, lengths=None, folds=None):
+def step_views(model, R, cfg, selector=None, lengths=None, folds=None, steps_only=False):
     """Every view of the states R (B, K+1, D): scores (B, N+1) per view, or (scores, {stat: (B,)}).
+    steps_only=True stops after the first two kinds (main, step0..K; --epoch-view steps).
         main       the method's own rule (ERL: the mean state, else r_K)
         step0..K   one step alone
         entropy    per case, the step whose item distribution has the lowest entropy
@@ -952,7 +953,7 @@ def step_views(model, R, cfg, selector=None, lengths=None, folds=None):
     B, S, _ = R.shape
     logits = R @ E.T  # (B, K+1, N+1); tau does not change a single step's ranking
     views = {"main": model.user_state(R) @ E.T} | {f"step{k}": logits[:, k] for k in range(S)}
-    if S == 1:
+    if S == 1 or steps_only:
         return views
     pick = lambda k: (logits[torch.arange(B, device=R.device), k], {"step": k.double()})  # (B, N+1)
     logp, entropy, top1 = step_log_probs(R, E, cfg)
@@ -1114,8 +1115,8 @@ def evaluate(model, split, cfg, device, analysis=False, selector=None, groups=No
         with autocast(cfg, device):
             R = model(hist)  # (B, K+1, D)
         R = R.float()
-        if per_step:  # {own, r_0, ..., r_K}: (B, N+1) each
-            return {"main": model.user_state(R) @ E.T} | {f"step{k}": R[:, k] @ E.T for k in range(R.shape[1])}
+        if per_step:  # {main, step0, ..., stepK}: (B, N+1) each
+            return step_views(model, R, cfg, steps_only=True)
         if not analysis:
             return model.user_state(R) @ E.T  # (B, N+1); tau does not change a ranking
         return step_views(model, R, cfg, selector, lengths=(hist != data.PAD).sum(1), folds=case_fold(hist))
