@@ -243,9 +243,7 @@ def parse_args(argv=None):
     ]:
         if not ok:
             sys.exit(f"error: {message}")
-    if cfg.method == "base":
-        cfg.steps = 0  # base = the plain backbone: no reasoning steps
-    return cfg
+    return cfg  # auto values (and base's steps = 0) are filled in by resolve_auto once the data is read
 
 
 # -----------------------------------------------------------------------------
